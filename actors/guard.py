@@ -1,0 +1,77 @@
+"""Checks a generated reply against the decision before it is sent.
+
+The decision is fixed before generation; the language model may only phrase around the
+template content. Anything that adds a fact, a question, an action that was not decided or
+another intent's answer is rejected, and the template reply is sent instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+from actors.schemas import DecisionResult
+
+MAX_OPENER_CHARS = 160
+NGRAM = 5
+# Words that claim an action. Allowed only when that action was decided.
+ACTION_CLAIMS: dict[str, set[str]] = {
+    "freeze": {"freeze", "froze", "frozen", "freezing", "block", "blocked", "lock", "locked", "cancel", "cancelled"},
+    "escalate": {"agent", "human", "colleague", "transfer you", "connect", "connecting", "specialist"},
+    "refund": {"refund", "refunded", "reimburse", "reimbursed", "compensate"},
+}
+ALLOWED_CLAIMS = {"freeze_card": {"freeze"}, "escalate": {"escalate"}}
+_WORD = re.compile(r"[a-z0-9']+")
+_SENTENCE_END = re.compile(r"(?<=[.!])\s")
+
+
+def first_sentence(text: str) -> str:
+    text = " ".join(text.replace("\n", " ").split())
+    parts = _SENTENCE_END.split(text, maxsplit=1)
+    return parts[0].strip() if parts else ""
+
+
+def _ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def check_opener(opener: str, decision: DecisionResult, forbidden: list[str]) -> str | None:
+    """Return why the model's opening sentence is unacceptable, or None if it may be sent."""
+    if not opener.strip():
+        return "empty"
+    if len(opener) > MAX_OPENER_CHARS:
+        return "too long"
+    if "?" in opener:
+        return "asks a question the policy did not choose"
+    if re.search(r"\d", opener):
+        return "states a number"
+    if re.search(r"https?://|www\.|@", opener):
+        return "contains a link or address"
+    lower = opener.lower()
+    words = set(_WORD.findall(lower))
+    allowed = ALLOWED_CLAIMS.get(decision.action, set())
+    for claim, lexicon in ACTION_CLAIMS.items():
+        if claim in allowed:
+            continue
+        hits = {w for w in lexicon if (w in words if " " not in w else w in lower)}
+        if hits:
+            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
+    grams = _ngrams(opener)
+    for text in forbidden:
+        if grams & _ngrams(text):
+            return "repeats another intent's answer"
+    return None
+
+
+def check_reply(reply: str, template: str, decision: DecisionResult, forbidden: list[str]) -> str | None:
+    """Whole-reply check: the decided content is present, nothing forbidden is."""
+    if template and " ".join(template.split()) not in " ".join(reply.split()):
+        return "does not carry the decided content"
+    if decision.kind == "ask" and decision.question and decision.question not in reply:
+        return "does not ask the chosen question"
+    rest = " ".join(reply.split()).replace(" ".join(template.split()), " ")
+    grams = _ngrams(rest)
+    for text in forbidden:
+        if grams & _ngrams(text):
+            return "contains another intent's answer"
+    return None

@@ -1,0 +1,41 @@
+"""ReasonerActor: message -> finding probabilities y = sigmoid(f(x)) and top-k knowledge passages.
+
+Batched across concurrent requests with @serve.batch; runs on a GPU when the replica has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from ray import serve
+
+from actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir
+from actors.nlu import reasoner_results
+from actors.schemas import ReasonerResult
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class ReasonerActor:
+    def __init__(self, models: str | None = None, top_k: int = 3, quantize: bool = False) -> None:
+        root = models_dir() if models is None else models
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.findings = FindingHeads(f"{root}/findings")
+        self.passages = PassageIndex(f"{root}/passages")
+        self.encoder = TextEncoder(self.findings.encoder_path, device=self.device, quantize=quantize,
+                                   max_length=self.findings.max_length)
+        self.top_k = top_k
+
+    def _reason(self, messages: list[str]) -> list[ReasonerResult]:
+        emb = self.encoder.embed(messages)
+        probs = self.findings.predict(emb)
+        hits = [self.passages.top_k(row, self.top_k) for row in emb]
+        return reasoner_results(emb, probs, self.findings.names, self.findings.prior, hits,
+                                f"{self.findings.version}+{self.passages.version}", self.device)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def reason(self, messages: list[str]) -> list[ReasonerResult]:
+        return await asyncio.to_thread(self._reason, messages)
+
+    async def __call__(self, message: str) -> ReasonerResult:
+        return await self.reason(message)

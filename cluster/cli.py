@@ -1,0 +1,106 @@
+"""`coact` command line: prepare models, serve the graph, chat with it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from cluster.local import DEFAULT_PORT, quiet_env
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.prepare import prepare
+
+    manifest = prepare(Path(args.models) if args.models else None, force=args.force, domain=args.domain)
+    print(json.dumps(manifest.get("metrics", {}), indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.local import deploy, init_ray
+
+    app_args = {"domain": args.domain, "generate": not args.no_generate}
+    if args.models:
+        app_args["models"] = args.models
+    init_ray(address=args.address)
+    url = deploy(app_args, port=args.port)
+    print(f"coact is serving at {url}  (OpenAPI: {url}/docs). Ctrl-C to stop.", flush=True)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import httpx
+
+    session = args.session
+    print(f"Talking to {args.url}. Empty line or Ctrl-D to quit.")
+    with httpx.Client(base_url=args.url, timeout=120.0) as client:
+        while True:
+            try:
+                message = input("you> ").strip()
+            except EOFError:
+                break
+            if not message:
+                break
+            body = {"message": message} | ({"session_id": session} if session else {})
+            r = client.post("/v1/chat", json=body)
+            data = r.json()
+            if r.status_code != 200:
+                print(f"[{r.status_code}] {data.get('error')}")
+                continue
+            session = data["session_id"]
+            print(f"bot> {data['reply']}")
+            print(f"     [{data['action']['kind']}: {data['action']['name']}]")
+            if args.trace:
+                for stage in data["trace"]["stages"]:
+                    print(f"     {stage['stage']:<10} {stage['ms']:>8.1f} ms")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_env()
+    parser = argparse.ArgumentParser(prog="coact", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the models folder the graph loads (idempotent)")
+    p.add_argument("--models", help="models folder (default: $COACT_MODELS_DIR or ./models)")
+    p.add_argument("--domain", default="banking")
+    p.add_argument("--force", action="store_true", help="rebuild every part")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("serve", help="run the Serve graph on this machine at http://127.0.0.1:PORT")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--address", help="attach to an existing Ray cluster instead of starting one")
+    p.add_argument("--models")
+    p.add_argument("--domain", default="banking")
+    p.add_argument("--no-generate", action="store_true", help="template replies only (no LM phrasing)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("chat", help="terminal client for a running app")
+    p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--session")
+    p.add_argument("--trace", action="store_true", help="print each stage's milliseconds")
+    p.set_defaults(func=_chat)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

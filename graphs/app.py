@@ -1,0 +1,35 @@
+"""The Serve application: the one place where the four stages and the ingress are composed.
+
+`serve run graphs.app:build_app`, `serve run cluster/serve/local.yaml` and `coact serve` all
+build the graph here.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from actors.decision import DecisionActor
+from actors.intent import IntentActor
+from actors.reasoner import ReasonerActor
+from actors.responder import ResponderActor
+from actors.schemas import AppConfig
+from graphs.ingress import ChatIngress
+
+
+def _replicas(n: int | None) -> dict:
+    # Only pin a count when asked: a config file's autoscaling_config must not meet a fixed num_replicas.
+    return {} if n is None else {"num_replicas": n}
+
+
+def build_app(args: dict | None = None) -> Application:
+    cfg = AppConfig.model_validate(args or {})
+    intent = IntentActor.bind(models=cfg.models, domain=cfg.domain, quantize=cfg.quantize_encoders)
+    reasoner = ReasonerActor.options(
+        **_replicas(cfg.reasoner_replicas), ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.reasoner_num_gpus}
+    ).bind(models=cfg.models, quantize=cfg.quantize_encoders)
+    decision = DecisionActor.bind(domain=cfg.domain)
+    responder = ResponderActor.options(
+        **_replicas(cfg.responder_replicas), ray_actor_options={"num_cpus": 0.5, "num_gpus": cfg.responder_num_gpus}
+    ).bind(models=cfg.models, domain=cfg.domain, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens,
+           timeout_s=cfg.generation_timeout_s)
+    return ChatIngress.bind(intent, reasoner, decision, responder, domain=cfg.domain, session_ttl_s=cfg.session_ttl_s)

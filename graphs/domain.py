@@ -1,0 +1,311 @@
+"""Domain packs: everything domain-specific (intents, findings, network, utilities, texts) as data.
+
+A pack is one YAML file validated by pydantic; a bad field fails on load with its path named.
+`build_network` and `build_actions` turn a pack into the plain objects the policy consumes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from graphs.bayesnet import BayesNet
+from graphs.policy import ActionSpec, QuestionSpec
+
+DOMAINS_DIR = Path(__file__).parent / "domains"
+INTENT_STATES = "intents"  # `states: intents` expands to the pack's intents plus the out-of-scope label
+
+
+class DomainPackError(ValueError):
+    """A domain pack failed validation; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Intent(_Strict):
+    name: str
+    group: str
+    title: str = Field(description="short human name, used in replies and traces")
+    faq: str = Field(min_length=10, description="the FAQ answer: the knowledge passage for this intent")
+
+
+class ControlIntent(_Strict):
+    examples: list[str] = Field(min_length=3)
+    lexicon: list[str] = Field(default_factory=list, description="exact (normalised) messages that are this intent")
+    reply: str | None = None
+
+
+class Finding(_Strict):
+    """An observable variable estimated from text by the Reasoner: y = sigmoid(f(x))."""
+
+    name: str
+    description: str
+    positive_intents: list[str] = Field(default_factory=list)
+    keywords: list[str] = Field(default_factory=list)
+    positive_examples: list[str] = Field(default_factory=list)
+    negative_examples: list[str] = Field(default_factory=list)
+
+
+class CptRow(_Strict):
+    when: dict[str, str | list[str]]
+    probs: list[float]
+
+
+class Cpt(_Strict):
+    default: list[float] | Literal["uniform"] = "uniform"
+    rows: list[CptRow] = Field(default_factory=list)
+    state_weights: dict[str, float] = Field(default_factory=dict, description="root nodes: prior proportional to weights")
+
+
+class Variable(_Strict):
+    name: str
+    states: list[str] | Literal["intents"]
+    parents: list[str] = Field(default_factory=list)
+    cpt: Cpt = Field(default_factory=Cpt)
+    description: str = ""
+
+
+class Question(_Strict):
+    variable: str
+    text: str
+    answers: dict[str, str] = Field(description="control intent (affirm/deny) -> state of the variable")
+
+
+class UtilityTerm(_Strict):
+    on: str
+    values: dict[str, str | float] = Field(default_factory=dict)
+    match: str | float | None = Field(default=None, description="answer actions: utility when the goal is the answered intent")
+    otherwise: str | float = 0.0
+
+
+class ActionTemplate(_Strict):
+    kind: Literal["answer", "action", "escalate", "decline"]
+    reply: str | None = Field(default=None, description="template reply; answer actions use the intent's FAQ")
+    utility: list[UtilityTerm]
+
+
+class Utilities(_Strict):
+    weights: dict[str, float]
+    max_questions: int = 2
+
+
+class Prompts(_Strict):
+    system: str
+    opener: str
+
+
+class DomainPack(_Strict):
+    name: str
+    version: str
+    description: str
+    intent_variable: str
+    out_of_scope_label: str = "out_of_scope"
+    out_of_scope_reply: str
+    fallback_reply: str
+    intents: list[Intent] = Field(min_length=2)
+    control_intents: dict[Literal["affirm", "deny", "greeting", "thanks", "goodbye"], ControlIntent]
+    findings: list[Finding]
+    variables: list[Variable]
+    questions: list[Question]
+    actions: dict[str, ActionTemplate]
+    utilities: Utilities
+    prompts: Prompts
+
+    @model_validator(mode="after")
+    def _check_references(self) -> DomainPack:
+        names = [i.name for i in self.intents]
+        if len(set(names)) != len(names):
+            raise ValueError("intents: duplicate intent names")
+        variables = {v.name: v for v in self.variables}
+        if self.intent_variable not in variables:
+            raise ValueError(f"intent_variable: {self.intent_variable!r} is not a variable")
+        for f in self.findings:
+            if f.name not in variables:
+                raise ValueError(f"findings.{f.name}: no network variable of that name")
+            unknown = set(f.positive_intents) - set(names)
+            if unknown:
+                raise ValueError(f"findings.{f.name}.positive_intents: unknown intents {sorted(unknown)}")
+        for v in self.variables:
+            for p in v.parents:
+                if p not in variables:
+                    raise ValueError(f"variables.{v.name}.parents: unknown variable {p!r}")
+        for q in self.questions:
+            if q.variable not in variables:
+                raise ValueError(f"questions.{q.variable}: no network variable of that name")
+        for key, action in self.actions.items():
+            for term in action.utility:
+                if term.on not in variables:
+                    raise ValueError(f"actions.{key}.utility: unknown variable {term.on!r}")
+                for ref in [*term.values.values(), term.match, term.otherwise]:
+                    if isinstance(ref, str) and ref not in self.utilities.weights:
+                        raise ValueError(f"actions.{key}.utility: unknown weight {ref!r}")
+        if sum(a.kind == "answer" for a in self.actions.values()) != 1:
+            raise ValueError("actions: exactly one action template of kind 'answer' is required")
+        return self
+
+    def states_of(self, variable: Variable) -> list[str]:
+        if variable.states == INTENT_STATES:
+            return [i.name for i in self.intents] + [self.out_of_scope_label]
+        return list(variable.states)
+
+    def intent(self, name: str) -> Intent:
+        for i in self.intents:
+            if i.name == name:
+                return i
+        raise KeyError(name)
+
+    def question(self, variable: str) -> Question:
+        for q in self.questions:
+            if q.variable == variable:
+                return q
+        raise KeyError(variable)
+
+
+class _PackLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans only: `yes`/`no` stay strings, as state names must."""
+
+
+_PackLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def parse_pack(text: str, source: str = "<string>") -> DomainPack:
+    try:
+        data = yaml.load(text, Loader=_PackLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise DomainPackError(f"{source}: not valid YAML: {e}") from e
+    try:
+        pack = DomainPack.model_validate(data)
+    except ValidationError as e:
+        raise DomainPackError(f"{source}: {_format_error(e)}") from e
+    try:
+        build_network(pack)
+        build_actions(pack, pack.utilities.weights)
+    except (ValueError, KeyError) as e:
+        raise DomainPackError(f"{source}: {e}") from e
+    return pack
+
+
+def resolve_pack_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        return path
+    return DOMAINS_DIR / f"{name_or_path}.yaml"
+
+
+@lru_cache(maxsize=8)
+def load_pack(name_or_path: str | Path = "banking") -> DomainPack:
+    path = resolve_pack_path(name_or_path)
+    if not path.exists():
+        raise DomainPackError(f"domain pack {str(name_or_path)!r} not found at {path}")
+    return parse_pack(path.read_text(encoding="utf-8"), str(path))
+
+
+def _cpt_array(pack: DomainPack, var: Variable, states: dict[str, list[str]]) -> np.ndarray:
+    own = states[var.name]
+    parent_states = [states[p] for p in var.parents]
+    shape = tuple(len(s) for s in parent_states) + (len(own),)
+    where = f"variables.{var.name}.cpt"
+
+    def check(probs: list[float], field: str) -> np.ndarray:
+        arr = np.asarray(probs, dtype=float)
+        if arr.shape != (len(own),):
+            raise ValueError(f"{field}: expected {len(own)} probabilities for states {own}, got {len(probs)}")
+        if np.any(arr < 0) or not np.isclose(arr.sum(), 1.0, atol=1e-6):
+            raise ValueError(f"{field}: probabilities must be non-negative and sum to 1 (sum={arr.sum():.6f})")
+        return arr / arr.sum()
+
+    if not var.parents:
+        if var.cpt.state_weights:
+            unknown = set(var.cpt.state_weights) - set(own)
+            if unknown:
+                raise ValueError(f"{where}.state_weights: unknown states {sorted(unknown)}")
+            w = np.array([var.cpt.state_weights.get(s, 1.0) for s in own], dtype=float)
+            return w / w.sum()
+        if var.cpt.default == "uniform":
+            return np.full(len(own), 1.0 / len(own))
+        return check(var.cpt.default, f"{where}.default")
+
+    default = (
+        np.full(len(own), 1.0 / len(own)) if var.cpt.default == "uniform" else check(var.cpt.default, f"{where}.default")
+    )
+    table = np.broadcast_to(default, shape).copy()
+    # Rows apply in order; a later row overrides an earlier one where both match.
+    for r, row in enumerate(var.cpt.rows):
+        probs = check(row.probs, f"{where}.rows.{r}.probs")
+        index: list[object] = []
+        for p, p_states in zip(var.parents, parent_states, strict=True):
+            wanted = row.when.get(p)
+            if wanted is None:
+                index.append(slice(None))
+                continue
+            wanted_list = [wanted] if isinstance(wanted, str) else wanted
+            bad = [w for w in wanted_list if w not in p_states]
+            if bad:
+                raise ValueError(f"{where}.rows.{r}.when.{p}: unknown states {bad}")
+            index.append([p_states.index(w) for w in wanted_list])
+        extra = set(row.when) - set(var.parents)
+        if extra:
+            raise ValueError(f"{where}.rows.{r}.when: {sorted(extra)} are not parents of {var.name}")
+        table[np.ix_(*[np.arange(len(s)) if isinstance(i, slice) else np.asarray(i)
+                       for i, s in zip(index, parent_states, strict=True)])] = probs
+    return table
+
+
+def build_network(pack: DomainPack) -> BayesNet:
+    states = {v.name: pack.states_of(v) for v in pack.variables}
+    parents = {v.name: list(v.parents) for v in pack.variables}
+    cpts = {v.name: _cpt_array(pack, v, states) for v in pack.variables}
+    return BayesNet(states=states, parents=parents, cpts=cpts)
+
+
+def _weight(ref: str | float | None, weights: dict[str, float]) -> float:
+    if ref is None:
+        return 0.0
+    return float(weights[ref]) if isinstance(ref, str) else float(ref)
+
+
+def build_actions(pack: DomainPack, weights: dict[str, float]) -> list[ActionSpec]:
+    """Expand action templates into utility tables; the answer template gives one action per intent."""
+    states = {v.name: pack.states_of(v) for v in pack.variables}
+    specs: list[ActionSpec] = []
+    for key, template in pack.actions.items():
+        targets = [i.name for i in pack.intents] if template.kind == "answer" else [None]
+        for target in targets:
+            on = tuple(dict.fromkeys(t.on for t in template.utility))
+            shape = tuple(len(states[v]) for v in on)
+            table = np.zeros(shape)
+            for term in template.utility:
+                axis = on.index(term.on)
+                vec = np.full(len(states[term.on]), _weight(term.otherwise, weights))
+                for state, ref in term.values.items():
+                    if state not in states[term.on]:
+                        raise ValueError(f"actions.{key}.utility.values: unknown state {state!r} of {term.on}")
+                    vec[states[term.on].index(state)] = _weight(ref, weights)
+                if term.match is not None and target is not None:
+                    vec[states[term.on].index(target)] = _weight(term.match, weights)
+                table = table + vec.reshape([-1 if a == axis else 1 for a in range(len(on))])
+            name = f"answer:{target}" if target else key
+            specs.append(ActionSpec(name=name, kind=template.kind, on=on, utility=table, target=target))
+    return specs
+
+
+def build_questions(pack: DomainPack) -> list[QuestionSpec]:
+    return [QuestionSpec(variable=q.variable, text=q.text) for q in pack.questions]

@@ -1,0 +1,171 @@
+"""End to end over HTTP against a real local Ray cluster and Serve app with the real models."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ["session", "intent", "reasoner", "decision", "responder"]
+AMBIGUOUS = "I see a payment I don't recognise"
+
+
+def chat(url: str, message: str, session_id: str | None = None) -> dict:
+    body = {"message": message} | ({"session_id": session_id} if session_id else {})
+    r = httpx.post(f"{url}/v1/chat", json=body, timeout=180)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stage(data: dict, name: str) -> dict:
+    return next(s for s in data["trace"]["stages"] if s["stage"] == name)
+
+
+def test_health_and_openapi(app_url: str) -> None:
+    health = httpx.get(f"{app_url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["domain"].startswith("banking")
+    spec = httpx.get(f"{app_url}/openapi.json", timeout=30).json()
+    assert {"/v1/chat", "/v1/sessions/{session_id}", "/healthz"} <= set(spec["paths"])
+    assert httpx.get(f"{app_url}/docs", timeout=30).status_code == 200
+
+
+def test_ambiguous_request_asks_then_acts_on_yes(app_url: str) -> None:
+    first = chat(app_url, AMBIGUOUS)
+    sid = first["session_id"]
+    assert first["action"]["kind"] == "ask", first["action"]
+    decision = stage(first, "decision")["output"]
+    question = first["action"]["target"]
+    # The question was chosen by value of information: it is the best-scoring ask, and asking
+    # beats every immediate action in expected utility.
+    asks = {k.removeprefix("ask:"): v for k, v in decision["expected_utility"].items() if k.startswith("ask:")}
+    acts = {k: v for k, v in decision["expected_utility"].items() if not k.startswith("ask:")}
+    assert question == max(asks, key=asks.get)
+    assert asks[question] > max(acts.values())
+    assert decision["value_of_information"][question] > 0
+    assert decision["question"] in first["reply"]
+    # Every stage appears in the trace with its own timing.
+    assert [s["stage"] for s in first["trace"]["stages"]] == STAGES
+    assert all(s["ms"] > 0 for s in first["trace"]["stages"] if s["stage"] != "session")
+    assert {"intent", "reasoner", "decision", "responder"} <= set(first["trace"]["model_versions"])
+    assert stage(first, "intent")["output"]["top"][0]["label"]
+    assert stage(first, "reasoner")["output"]["passages"]
+
+    second = chat(app_url, "yes", sid)
+    assert second["session_id"] == sid
+    assert stage(second, "decision")["output"]["answered"] == f"{question}=yes"
+    assert second["action"] == {"kind": "action", "name": "freeze_card", "target": None}
+    assert "frozen" in second["reply"]
+
+    session = httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]
+    assert session["turns"] == 2 and len(session["history"]) == 4
+    assert session["pending_question"] is None
+
+
+def test_no_leads_to_the_faq_answer(app_url: str) -> None:
+    first = chat(app_url, AMBIGUOUS)
+    assert first["action"]["kind"] == "ask"
+    second = chat(app_url, "no, I don't think so", first["session_id"])
+    assert second["action"]["kind"] == "answer"
+    assert second["action"]["target"] in {"card_payment_not_recognised", "direct_debit_payment_not_recognised",
+                                          "cash_withdrawal_not_recognised"}
+
+
+def test_clear_requests_are_answered_directly(app_url: str) -> None:
+    lost = chat(app_url, "My card was stolen this morning, please help")
+    assert lost["action"]["name"] == "freeze_card"
+    faq = chat(app_url, "How long does it take for my new card to arrive?")
+    assert faq["action"]["kind"] == "answer"
+    assert faq["action"]["target"] in {"card_arrival", "card_delivery_estimate"}
+    oos = chat(app_url, "What will the weather be like in Paris tomorrow?")
+    assert oos["action"]["kind"] == "decline"
+    hello = chat(app_url, "hello")
+    assert hello["action"] == {"kind": "chitchat", "name": "greeting", "target": None}
+
+
+def test_responder_output_is_guarded(app_url: str) -> None:
+    data = chat(app_url, "How do I top up my account with a bank transfer?")
+    out = stage(data, "responder")["output"]
+    assert out["source"] in {"model", "template"}
+    if out["source"] == "template":
+        assert out["guard"]  # a fallback always says why
+    decision = stage(data, "decision")["output"]
+    if decision["kind"] == "answer":
+        from graphs.domain import load_pack
+
+        assert load_pack("banking").intent(decision["target"]).faq.split()[0] in data["reply"]
+
+
+def test_session_survives_replica_kill(app_url: str) -> None:
+    import ray
+    from ray import serve
+
+    first = chat(app_url, AMBIGUOUS)
+    assert first["action"]["kind"] == "ask"
+    killed = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if name.startswith("SERVE_REPLICA::") and ("ChatIngress" in name or "DecisionActor" in name):
+            ray.kill(ray.get_actor(name, namespace=actor["namespace"]), no_restart=True)
+            killed.append(name)
+    assert len(killed) >= 2, killed
+    # Serve's controller replaces the replicas; wait until the application is running again.
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get("coact")
+        if status and status.status == "RUNNING":
+            try:
+                if httpx.get(f"{app_url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        time.sleep(1)
+    second = chat(app_url, "yes", first["session_id"])
+    assert second["action"]["name"] == "freeze_card"
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not set(killed) & alive  # they really were replaced, not reused
+
+
+def test_concurrent_requests_are_batched(app_url: str) -> None:
+    messages = [f"How much does it cost to transfer {n} euros abroad?" for n in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda m: chat(app_url, m), messages))
+    assert len({r["session_id"] for r in results}) == 16
+    sizes = [stage(r, "reasoner")["output"]["batch_size"] for r in results]
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"message": ""}, 422, "message"),
+        ({"message": "x" * 100_000}, 413, "too large"),
+        ({"message": "y" * 3000}, 413, "too long"),
+        ({"message": 123}, 422, "message"),
+        ({"message": ["a"]}, 422, "message"),
+        ({}, 422, "message"),
+        ({"message": "hi", "session_id": "../etc"}, 422, "session_id"),
+        ({"message": "hi", "session_id": "0123456789abcdef"}, 404, "unknown session_id"),
+        ({"message": "hi", "extra": 1}, 422, "extra"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(app_url: str, body: dict, status: int, needle: str) -> None:
+    r = httpx.post(f"{app_url}/v1/chat", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    assert "error" in r.json()
+
+
+def test_invalid_json_and_unknown_sessions(app_url: str) -> None:
+    r = httpx.post(f"{app_url}/v1/chat", content=b'{"message": "hi"', headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    assert httpx.get(f"{app_url}/v1/sessions/nope", timeout=30).status_code == 404
+    assert httpx.get(f"{app_url}/v1/sessions/bad%20id", timeout=30).status_code == 422
+    assert httpx.delete(f"{app_url}/v1/sessions/nope", timeout=30).status_code == 404
+    sid = chat(app_url, "hello")["session_id"]
+    assert httpx.delete(f"{app_url}/v1/sessions/{sid}", timeout=30).json() == {"deleted": sid}
+    assert httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).status_code == 404
