@@ -23,14 +23,18 @@ ACTION_PHRASES = {
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 24
-    repetition_penalty: float = 1.3
+    repetition_penalty: float = 1.15
     timeout_s: float = 20.0
 
 
 def build_prompt(tokenizer, pack: DomainPack, req: ResponderRequest) -> str:
     kind = req.decision.kind
     user = pack.prompts.opener.format(message=req.message[:500], action=ACTION_PHRASES.get(kind, "reply"))
-    messages = [{"role": "system", "content": pack.prompts.system}, {"role": "user", "content": user}]
+    messages = [{"role": "system", "content": pack.prompts.system}]
+    for ex in pack.prompts.examples:
+        messages.append({"role": "user", "content": pack.prompts.opener.format(message=ex.customer, action="reply")})
+        messages.append({"role": "assistant", "content": ex.reply})
+    messages.append({"role": "user", "content": user})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -59,7 +63,7 @@ def compose(req: ResponderRequest, generated: str, tokens: int, model_version: s
     """Opener from the model + the decided content verbatim; the guard decides which is sent."""
     template = req.template
     opener = first_sentence(generated)
-    why = check_opener(opener, req.decision, req.forbidden)
+    why = check_opener(opener, req.decision, req.forbidden, grounding=f"{req.message} {template}")
     if why is None:
         reply = f"{opener} {template}".strip()
         why = check_reply(reply, template, req.decision, req.forbidden)

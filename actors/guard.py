@@ -15,13 +15,34 @@ MAX_OPENER_CHARS = 160
 NGRAM = 5
 # Words that claim an action. Allowed only when that action was decided.
 ACTION_CLAIMS: dict[str, set[str]] = {
-    "freeze": {"freeze", "froze", "frozen", "freezing", "block", "blocked", "lock", "locked", "cancel", "cancelled"},
+    "freeze": {"freeze", "froze", "frozen", "freezing", "blocked", "locked"},
     "escalate": {"agent", "human", "colleague", "transfer you", "connect", "connecting", "specialist"},
     "refund": {"refund", "refunded", "reimburse", "reimbursed", "compensate"},
 }
 ALLOWED_CLAIMS = {"freeze_card": {"freeze"}, "escalate": {"escalate"}}
+# A small model drifts into refusals and talking about itself; neither may reach a customer.
+OFF_SCRIPT = {"unable", "cannot", "can't", "ai", "model", "assistant", "sorry for your loss", "mistake",
+              "as an", "apologize for any confusion", "my responses", "i am not able"}
+# Words an acknowledgement may use beyond those of the customer's message and the decided content.
+COURTESY = set("""
+a an the i i'm i'll we we're we'll you you're your yours it it's this that these those to of for with about on in
+and or but so as at by be is are was am been being do does did have has had will would can could shall should may
+sorry hear hearing understand understood see thanks thank glad happy help helping assist here sure certainly
+absolutely of course let's let me us our together look looking into sort sorted out right away now
+no problem worry worries concern concerns question questions request message reaching contacting get back
+wait waiting frustrating frustration inconvenience stressful difficult trouble hassle patience please apologise apologize
+know knowing appreciate really very much just all everything okay ok great good fine noted
+""".split())
 _WORD = re.compile(r"[a-z0-9']+")
 _SENTENCE_END = re.compile(r"(?<=[.!])\s")
+
+
+def _stem(word: str) -> str:
+    # Crude suffix stripping: "arrived"/"arrives"/"arriving" all match "arrive".
+    for suffix in ("ing", "ed", "es", "s", "e"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
 
 
 def first_sentence(text: str) -> str:
@@ -35,14 +56,21 @@ def _ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def check_opener(opener: str, decision: DecisionResult, forbidden: list[str]) -> str | None:
-    """Return why the model's opening sentence is unacceptable, or None if it may be sent."""
+def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None) -> str | None:
+    """Return why the model's opening sentence is unacceptable, or None if it may be sent.
+
+    With `grounding` (the customer's message and the decided content), every word must come
+    from it or from the courtesy vocabulary: an acknowledgement that introduces a new word
+    is adding content the policy did not decide.
+    """
     if not opener.strip():
         return "empty"
     if len(opener) > MAX_OPENER_CHARS:
         return "too long"
     if "?" in opener:
         return "asks a question the policy did not choose"
+    if opener[-1] not in ".!":
+        return "incomplete sentence"
     if re.search(r"\d", opener):
         return "states a number"
     if re.search(r"https?://|www\.|@", opener):
@@ -56,10 +84,18 @@ def check_opener(opener: str, decision: DecisionResult, forbidden: list[str]) ->
         hits = {w for w in lexicon if (w in words if " " not in w else w in lower)}
         if hits:
             return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
+    off = sorted(w for w in OFF_SCRIPT if (w in words if " " not in w else w in lower))
+    if off:
+        return f"off script ({off[0]})"
     grams = _ngrams(opener)
     for text in forbidden:
         if grams & _ngrams(text):
             return "repeats another intent's answer"
+    if grounding is not None:
+        allowed = {_stem(w) for w in COURTESY | set(_WORD.findall(grounding.lower()))}
+        new = [w for w in _WORD.findall(lower) if _stem(w) not in allowed]
+        if new:
+            return f"adds content ({new[0]!r} is neither in the message nor in the decided reply)"
     return None
 
 

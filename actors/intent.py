@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 from ray import serve
 
 from actors.models import IntentClassifier, TextEncoder, models_dir
@@ -19,15 +18,14 @@ class IntentActor:
         root = models_dir() if models is None else models
         self.pack = load_pack(domain)
         self.classifier = IntentClassifier(f"{root}/intent")
-        self.encoder = TextEncoder(self.classifier.encoder_path, quantize=quantize,
-                                   max_length=self.classifier.max_length)
+        self.encoder = TextEncoder(quantize=quantize, max_length=self.classifier.encoder_max_length)
         texts, labels = ControlDetector.examples(self.pack)
         self.control = ControlDetector(self.pack, self.encoder.embed(texts), labels)
 
     def _classify(self, messages: list[str]) -> list[IntentResult]:
         emb = self.encoder.embed(messages)
         probs = self.classifier.predict_proba(emb)
-        return intent_results(messages, emb, probs, self.classifier.labels, np.asarray(self.classifier.class_prior),
+        return intent_results(messages, emb, probs, self.classifier.labels, self.classifier.priors,
                               self.control, self.pack.out_of_scope_label, self.classifier.version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

@@ -22,15 +22,14 @@ class ReasonerActor:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.findings = FindingHeads(f"{root}/findings")
         self.passages = PassageIndex(f"{root}/passages")
-        self.encoder = TextEncoder(self.findings.encoder_path, device=self.device, quantize=quantize,
-                                   max_length=self.findings.max_length)
+        self.encoder = TextEncoder(device=self.device, quantize=quantize)
         self.top_k = top_k
 
     def _reason(self, messages: list[str]) -> list[ReasonerResult]:
         emb = self.encoder.embed(messages)
         probs = self.findings.predict(emb)
         hits = [self.passages.top_k(row, self.top_k) for row in emb]
-        return reasoner_results(emb, probs, self.findings.names, self.findings.prior, hits,
+        return reasoner_results(emb, probs, self.findings.names, self.findings.positive_rates.tolist(), hits,
                                 f"{self.findings.version}+{self.passages.version}", self.device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)

@@ -9,7 +9,7 @@ import torch
 from ray import serve
 
 from actors.generation import GenerationSettings, build_prompt, compose, generate_batch, template_result
-from actors.models import load_lm, models_dir
+from actors.models import lm_version, load_lm, models_dir
 from actors.schemas import ResponderRequest, ResponderResult
 from graphs.domain import load_pack
 
@@ -24,7 +24,7 @@ class ResponderActor:
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
         self.generate = generate
         self.tokenizer, self.model = load_lm(f"{root}/lm")
-        self.version = os.path.basename(str(self.model.name_or_path)) or "lm"
+        self.version = lm_version(f"{root}/lm")
 
     def _generate(self, requests: list[ResponderRequest]) -> list[tuple[str, int]]:
         prompts = [build_prompt(self.tokenizer, self.pack, r) for r in requests]

@@ -96,9 +96,15 @@ class Utilities(_Strict):
     max_questions: int = 2
 
 
+class PromptExample(_Strict):
+    customer: str
+    reply: str
+
+
 class Prompts(_Strict):
     system: str
-    opener: str
+    opener: str = Field(description="user turn; {message} is the customer's message, {action} what happens next")
+    examples: list[PromptExample] = Field(default_factory=list, description="few-shot turns for small models")
 
 
 class DomainPack(_Strict):

@@ -63,13 +63,18 @@ def test_guard_rejects_what_the_policy_did_not_decide() -> None:
     assert "freeze" in check_opener("I have frozen your card.", answer, forbidden)
     assert "escalate" in check_opener("Let me connect you to an agent.", answer, forbidden)
     other = PACK.intent("exchange_rate").faq
-    assert "another intent" in check_opener(" ".join(other.split()[:8]), answer, forbidden)
+    assert "another intent" in check_opener(" ".join(other.split()[:8]) + ".", answer, forbidden)
     freeze = decision(kind="action", action="freeze_card", target=None)
     assert check_opener("I'm sorry, I will freeze it now.", freeze, forbidden) is None
     ask = decision(kind="ask", action="ask:q_card_in_hand", target="q_card_in_hand", question="Do you have it?")
     assert check_reply("Okay. Do you have it?", "Do you have it?", ask, forbidden) is None
     assert check_reply("Okay.", "Do you have it?", ask, forbidden) is not None
     assert first_sentence("Sure thing! More text here.") == "Sure thing!"
+    assert "incomplete" in check_opener("I will make sure that", answer, forbidden)
+    assert "off script" in check_opener("As an AI I cannot help.", answer, forbidden)
+    grounding = "my card has not arrived " + PACK.intent("card_arrival").faq
+    assert check_opener("I understand you're waiting for your card.", answer, forbidden, grounding) is None
+    assert "adds content" in check_opener("It depends on where you live in Australia.", answer, forbidden, grounding)
 
 
 def test_templates_carry_the_decided_content() -> None:
