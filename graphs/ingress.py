@@ -1,6 +1,6 @@
 """HTTP ingress: FastAPI routes, error mapping, and the handles to the four stages."""
+# No `from __future__ import annotations` here: FastAPI resolves the route annotations at runtime.
 
-from __future__ import annotations
 
 import asyncio
 import re
@@ -74,6 +74,17 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+@app.exception_handler(Exception)
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    # Still JSON, still naming the problem; the replica log has the traceback.
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def _valid_session_id(session_id: str) -> bool:
+    # Defined before the ingress class: @serve.ingress serialises the routes when it runs.
+    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
+
+
 def _overloaded(what: str) -> JSONResponse:
     return _error(503, f"overloaded: {what}; retry later", headers={"Retry-After": RETRY_AFTER_S})
 
@@ -138,7 +149,3 @@ class ChatIngress:
     async def healthz(self):
         info = await self.store.info.remote()
         return {"status": "ok", "domain": f"{self.pack.name}@{self.pack.version}", **info}
-
-
-def _valid_session_id(session_id: str) -> bool:
-    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
