@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the Serve graph on this machine at http://127.0.0.1:PORT")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--address", help="attach to an existing Ray cluster instead of starting one")
+    p.add_argument("--address", help="attach to an existing Ray cluster ('auto' for the one on this machine) instead of starting one")
     p.add_argument("--models")
     p.add_argument("--domain", default="banking")
     p.add_argument("--no-generate", action="store_true", help="template replies only (no LM phrasing)")

@@ -30,8 +30,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return ray.get_runtime_context()
     if address:
         return ray.init(address=address, namespace="coact", **kwargs)
-    # A fresh local head bound to loopback (otherwise Ray picks the eth0 address).
-    return ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+    # A fresh local head bound to loopback (otherwise Ray picks the eth0 address). address="local"
+    # so that a cluster someone else started with `ray start` on this machine is never joined by accident.
+    return ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                     namespace="coact", **kwargs)
 
 
