@@ -187,3 +187,6 @@ class AppConfig(_Wire):
     responder_num_gpus: float = Field(default=0.0, ge=0)
     reasoner_replicas: int | None = Field(default=None, ge=1, description="fixed count; None: deployment default")
     responder_replicas: int | None = Field(default=None, ge=1)
+    # Load shedding: a full queue answers 503 + Retry-After instead of letting turns time out.
+    responder_max_ongoing_requests: int = Field(default=32, ge=1)
+    responder_max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")

@@ -50,15 +50,16 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> dict:
     raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s (last error: {last})")
 
 
-def deploy(args: dict | None = None, port: int = DEFAULT_PORT, timeout_s: float = 600.0) -> str:
+def deploy(args: dict | None = None, port: int = DEFAULT_PORT, timeout_s: float = 600.0, name: str = APP_NAME,
+           route_prefix: str = "/") -> str:
     """Deploy the app on the connected cluster; returns its base URL once /healthz answers."""
     from ray import serve
 
     from graphs.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args or {}), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    serve.run(build_app(args or {}), name=name, route_prefix=route_prefix, blocking=False)
+    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     wait_healthy(url, timeout_s)
     return url
 

@@ -29,7 +29,10 @@ def build_app(args: dict | None = None) -> Application:
     ).bind(models=cfg.models, quantize=cfg.quantize_encoders)
     decision = DecisionActor.bind(domain=cfg.domain)
     responder = ResponderActor.options(
-        **_replicas(cfg.responder_replicas), ray_actor_options={"num_cpus": 0.5, "num_gpus": cfg.responder_num_gpus}
+        **_replicas(cfg.responder_replicas),
+        ray_actor_options={"num_cpus": 0.5, "num_gpus": cfg.responder_num_gpus},
+        max_ongoing_requests=cfg.responder_max_ongoing_requests,
+        max_queued_requests=cfg.responder_max_queued_requests,
     ).bind(models=cfg.models, domain=cfg.domain, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens,
            timeout_s=cfg.generation_timeout_s)
     return ChatIngress.bind(intent, reasoner, decision, responder, domain=cfg.domain, session_ttl_s=cfg.session_ttl_s)

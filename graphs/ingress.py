@@ -85,8 +85,9 @@ def _valid_session_id(session_id: str) -> bool:
     return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
 
 
-def _overloaded(what: str) -> JSONResponse:
-    return _error(503, f"overloaded: {what}; retry later", headers={"Retry-After": RETRY_AFTER_S})
+def _overloaded(what: str, retry_after_s: float | None = None) -> JSONResponse:
+    retry = str(max(1, round(retry_after_s))) if retry_after_s else RETRY_AFTER_S
+    return _error(503, f"overloaded: {what}; retry later", headers={"Retry-After": retry})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=128)
@@ -121,8 +122,8 @@ class ChatIngress:
         except UnknownSession:
             return _error(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
                                "omit session_id to start a new session")
-        except BackPressureError:
-            return _overloaded("a stage's request queue is full")
+        except BackPressureError as e:
+            return _overloaded("a stage's request queue is full", getattr(e, "retry_after_s", None))
         except TimeoutError:
             return _overloaded(f"the turn did not finish within {self.turn_timeout_s:.0f} s")
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):

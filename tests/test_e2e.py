@@ -169,3 +169,29 @@ def test_invalid_json_and_unknown_sessions(app_url: str) -> None:
     sid = chat(app_url, "hello")["session_id"]
     assert httpx.delete(f"{app_url}/v1/sessions/{sid}", timeout=30).json() == {"deleted": sid}
     assert httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).status_code == 404
+
+
+def test_overload_gets_503_with_retry_after(app_url: str, models_dir) -> None:
+    """A second app whose Responder takes one turn at a time and queues one more: the rest are shed."""
+    from ray import serve
+
+    from cluster.local import deploy
+
+    port = int(app_url.rsplit(":", 1)[1])
+    url = deploy({"models": str(models_dir), "max_new_tokens": 8, "responder_max_ongoing_requests": 1,
+                  "responder_max_queued_requests": 1}, port=port, name="coact-overload", route_prefix="/overload")
+    try:
+        def post(i: int) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat", json={"message": f"How do I top up {i} euros by card?"}, timeout=180)
+
+        with cf.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(post, range(12)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 503}, codes
+        shed = [r for r in responses if r.status_code == 503]
+        assert shed and codes.count(200) >= 1, codes
+        for r in shed:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"].startswith("overloaded")
+    finally:
+        serve.delete("coact-overload")
