@@ -35,7 +35,8 @@ def build_prompt(tokenizer, pack: DomainPack, req: ResponderRequest) -> str:
         messages.append({"role": "user", "content": pack.prompts.opener.format(message=ex.customer, action="reply")})
         messages.append({"role": "assistant", "content": ex.reply})
     messages.append({"role": "user", "content": user})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt + pack.prompts.reply_prefix
 
 
 @torch.inference_mode()
@@ -50,6 +51,8 @@ def generate_batch(tokenizer, model, prompts: list[str], settings: GenerationSet
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         max_time=settings.timeout_s,  # stop decoding rather than hold the batch past the deadline
+        stop_strings=[".", "!", "?"],  # only the first sentence is used
+        tokenizer=tokenizer,
     )
     new = out[:, enc["input_ids"].shape[1] :]
     results = []
@@ -59,9 +62,10 @@ def generate_batch(tokenizer, model, prompts: list[str], settings: GenerationSet
     return results
 
 
-def compose(req: ResponderRequest, generated: str, tokens: int, model_version: str) -> ResponderResult:
+def compose(req: ResponderRequest, generated: str, tokens: int, model_version: str, prefix: str = "") -> ResponderResult:
     """Opener from the model + the decided content verbatim; the guard decides which is sent."""
     template = req.template
+    generated = prefix + generated
     opener = first_sentence(generated)
     why = check_opener(opener, req.decision, req.forbidden, grounding=f"{req.message} {template}")
     if why is None:

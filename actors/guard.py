@@ -32,6 +32,8 @@ absolutely of course let's let me us our together look looking into sort sorted 
 no problem worry worries concern concerns question questions request message reaching contacting get back
 wait waiting frustrating frustration inconvenience stressful difficult trouble hassle patience please apologise apologize
 know knowing appreciate really very much just all everything okay ok great good fine noted
+any anything else more information details provide need needs possible way ways today there here
+don't do not can i'd i've we've you've what how when where which who why if also too
 """.split())
 _WORD = re.compile(r"[a-z0-9']+")
 _SENTENCE_END = re.compile(r"(?<=[.!])\s")

@@ -25,12 +25,23 @@ class ReasonerActor:
         self.encoder = TextEncoder(device=self.device, quantize=quantize)
         self.top_k = top_k
 
+    def reconfigure(self, config: dict) -> None:
+        # Hot-swap retrained finding heads / a rebuilt passage index without a redeploy.
+        config = config or {}
+        if config.get("findings_model"):
+            self.findings = FindingHeads(config["findings_model"])
+        if config.get("passages"):
+            self.passages = PassageIndex(config["passages"])
+        if "top_k" in config:
+            self.top_k = int(config["top_k"])
+
     def _reason(self, messages: list[str]) -> list[ReasonerResult]:
+        findings, passages = self.findings, self.passages  # stable across a concurrent reconfigure
         emb = self.encoder.embed(messages)
-        probs = self.findings.predict(emb)
-        hits = [self.passages.top_k(row, self.top_k) for row in emb]
-        return reasoner_results(emb, probs, self.findings.names, self.findings.positive_rates.tolist(), hits,
-                                f"{self.findings.version}+{self.passages.version}", self.device)
+        probs = findings.predict(emb)
+        hits = [passages.top_k(row, self.top_k) for row in emb]
+        return reasoner_results(emb, probs, findings.names, findings.positive_rates.tolist(), hits,
+                                f"{findings.version}+{passages.version}", self.device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def reason(self, messages: list[str]) -> list[ReasonerResult]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import torch
 from ray import serve
@@ -17,9 +16,11 @@ from graphs.domain import load_pack
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
 class ResponderActor:
     def __init__(self, models: str | None = None, domain: str = "banking", generate: bool = True,
-                 max_new_tokens: int = 24, timeout_s: float = 20.0, threads: int | None = None) -> None:
+                 max_new_tokens: int = 24, timeout_s: float = 20.0, threads: int = 1) -> None:
         root = models_dir() if models is None else models
-        torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
+        # One thread per replica by default: several replicas share the cores, and an oversubscribed
+        # torch thread pool was measured 4x slower than a single thread here.
+        torch.set_num_threads(threads)
         self.pack = load_pack(domain)
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
         self.generate = generate
@@ -38,7 +39,7 @@ class ResponderActor:
             outs = await asyncio.wait_for(asyncio.to_thread(self._generate, requests), self.settings.timeout_s + 5.0)
         except TimeoutError:
             return [template_result(r, "generation timed out", self.version) for r in requests]
-        return [compose(r, text, n, self.version) for r, (text, n) in zip(requests, outs, strict=True)]
+        return [compose(r, text, n, self.version, self.pack.prompts.reply_prefix) for r, (text, n) in zip(requests, outs, strict=True)]
 
     async def __call__(self, request: ResponderRequest) -> ResponderResult:
         return await self.respond(request)

@@ -183,6 +183,8 @@ class AppConfig(_Wire):
     generation_timeout_s: float = Field(default=20.0, gt=0)
     session_ttl_s: float = Field(default=1800.0, gt=0)
     quantize_encoders: bool = False
+    intent_model: str | None = Field(default=None, description="intent model folder (default: <models>/intent)")
+    findings_model: str | None = Field(default=None, description="finding heads folder (default: <models>/findings)")
     reasoner_num_gpus: float = Field(default=0.0, ge=0)
     responder_num_gpus: float = Field(default=0.0, ge=0)
     reasoner_replicas: int | None = Field(default=None, ge=1, description="fixed count; None: deployment default")

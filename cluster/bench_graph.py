@@ -69,7 +69,7 @@ def in_process_turn(models: Path, max_new_tokens: int):
 
     async def respond(req):
         (text, n), = responder._generate([req])
-        return compose(req, text, n, responder.version)
+        return compose(req, text, n, responder.version, responder.pack.prompts.reply_prefix)
 
     async def intent_one(m):
         return intent._classify([m])[0]

@@ -105,6 +105,7 @@ class Prompts(_Strict):
     system: str
     opener: str = Field(description="user turn; {message} is the customer's message, {action} what happens next")
     examples: list[PromptExample] = Field(default_factory=list, description="few-shot turns for small models")
+    reply_prefix: str = Field(default="", description="the reply's first words, fed to the model (steers small models)")
 
 
 class DomainPack(_Strict):

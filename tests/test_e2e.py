@@ -195,3 +195,15 @@ def test_overload_gets_503_with_retry_after(app_url: str, models_dir) -> None:
             assert r.json()["error"].startswith("overloaded")
     finally:
         serve.delete("coact-overload")
+
+
+def test_chat_cli_talks_to_the_app(app_url: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", app_url, "--trace"],
+                         input="I see a payment I don't recognise\nyes\n\n", capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.count("bot>") == 2
+    assert "[ask: ask:q_someone_else]" in out and "[action: freeze_card]" in out
+    assert "decision" in out and " ms" in out
