@@ -23,9 +23,12 @@ def _replicas(n: int | None) -> dict:
 
 def build_app(args: dict | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
-    intent = IntentActor.bind(models=cfg.models, domain=cfg.domain, quantize=cfg.quantize_encoders)
+    # user_config reaches `reconfigure`: a new model folder is picked up without redeploying.
+    intent = IntentActor.options(user_config={"intent_model": cfg.intent_model}).bind(
+        models=cfg.models, domain=cfg.domain, quantize=cfg.quantize_encoders)
     reasoner = ReasonerActor.options(
-        **_replicas(cfg.reasoner_replicas), ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.reasoner_num_gpus}
+        **_replicas(cfg.reasoner_replicas), ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.reasoner_num_gpus},
+        user_config={"findings_model": cfg.findings_model},
     ).bind(models=cfg.models, quantize=cfg.quantize_encoders)
     decision = DecisionActor.bind(domain=cfg.domain)
     responder = ResponderActor.options(
