@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from actors.schemas import DecisionRequest, DecisionResult
+from actors.schemas import DecisionRequest, DecisionResult, SessionEvidence
 from graphs.dialogue import Policy
 from graphs.domain import load_pack
 
@@ -13,6 +13,7 @@ from graphs.domain import load_pack
 class DecisionActor:
     def __init__(self, domain: str = "banking", weights: dict[str, float] | None = None) -> None:
         self.policy = Policy(load_pack(domain), weights)
+        self.policy.decide(SessionEvidence())  # builds the cached elimination plans
 
     def reconfigure(self, config: dict) -> None:
         # Utility weights are policy parameters (tuned offline); swap them without a redeploy.

@@ -29,6 +29,7 @@ class IntentActor:
         self.encoder = TextEncoder(quantize=quantize, max_length=64)
         texts, labels = ControlDetector.examples(self.pack)
         self.control = ControlDetector(self.pack, self.encoder.embed(texts), labels)
+        self._classify(["warm-up"])  # first inference pays torch's lazy set-up; not the first user
 
     def reconfigure(self, config: dict) -> None:
         path = (config or {}).get("intent_model")

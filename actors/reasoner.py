@@ -24,6 +24,7 @@ class ReasonerActor:
         self.passages = PassageIndex(f"{root}/passages")
         self.encoder = TextEncoder(device=self.device, quantize=quantize)
         self.top_k = top_k
+        self._reason(["warm-up"])  # first inference pays torch's lazy set-up; not the first user
 
     def reconfigure(self, config: dict) -> None:
         # Hot-swap retrained finding heads / a rebuilt passage index without a redeploy.
