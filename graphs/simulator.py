@@ -479,6 +479,10 @@ class SimulationResult:
     def report(self) -> dict[str, Any]:
         return {**self.summary(), "by_kind": self.by_kind()}
 
+    def take(self, rows: np.ndarray | slice) -> SimulationResult:
+        """The conversations ``rows`` (an index array, a boolean mask or a slice), e.g. a prefix of chunks."""
+        return SimulationResult(**{f: getattr(self, f)[rows] for f in SimulationResult.__dataclass_fields__})
+
     @staticmethod
     def concat(parts: Iterable[SimulationResult]) -> SimulationResult:
         parts = list(parts)
@@ -486,15 +490,23 @@ class SimulationResult:
                                    for f in SimulationResult.__dataclass_fields__})
 
 
-def paired_difference(a: SimulationResult, b: SimulationResult, measure: str = "success") -> dict[str, float]:
-    """Mean of ``b - a`` per conversation (same users) and its standard error."""
+def paired_difference(a: SimulationResult, b: SimulationResult, measure: str = "success",
+                      kind: str | None = None) -> dict[str, float]:
+    """Mean of ``b - a`` per conversation (same users) and its standard error; ``kind`` restricts it to the
+    users of one goal kind (``n``: how many). With no such user, mean and se are nan."""
     if len(a) != len(b):
         raise ValueError("paired_difference: results over different user sets")
     get = {"success": lambda r: r.success.astype(float), "turns": lambda r: r.turns.astype(float),
            "escalated": lambda r: r.escalated.astype(float), "regret": lambda r: r.regret}[measure]
     d = get(b) - get(a)
+    if kind is not None:
+        if not np.array_equal(a.kind, b.kind):
+            raise ValueError("paired_difference: results over different user sets")
+        d = d[a.kind == kind]
+    if len(d) == 0:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "se": se}
+    return {"mean": float(d.mean()), "se": se, "n": int(len(d))}
 
 
 # ============================================================================ simulator

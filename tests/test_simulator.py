@@ -132,6 +132,9 @@ def test_smoke_tune_writes_artefacts(tmp_path: Path, models: Path) -> None:
 
     trials = pd.read_csv(out / "results.csv")
     assert len(trials) == 2 and {"objective", "success", "mean_turns", "w_question_cost"} <= set(trials.columns)
+    per_kind = {f"{k}_{c}" for k in GOAL_KINDS
+                for c in ("n", "success", "regret", "success_diff", "success_diff_se", "regret_diff", "regret_diff_se")}
+    assert per_kind | {"qualifies", "rejected_because"} <= set(trials.columns)
     # Trial 0 is the pack's default weights.
     assert trials.loc[0, "w_question_cost"] == PACK.utilities.weights["question_cost"]
     best = json.loads((out / "best_weights.json").read_text())
@@ -141,3 +144,85 @@ def test_smoke_tune_writes_artefacts(tmp_path: Path, models: Path) -> None:
     assert set(reports) == {"default", "tuned", "oracle"}
     assert reports["oracle"]["success"] == 1.0 and reports["oracle"]["regret"] == 0.0
     assert reports["default"]["n"] == 60 and isinstance(comparison["target_met"], bool)
+    assert set(comparison["target_checks"]) == {"overall", "at_risk", "out_of_scope"}
+    assert {"at_risk_success", "out_of_scope_success", "faq_success"} <= set(comparison["paired_tuned_minus_default"])
+    # The defaults paired with themselves on the tuning users: no difference, no shortfall, not selectable.
+    assert trials.loc[0, "success_diff"] == 0.0 and not trials.loc[0, "qualifies"]
+    if comparison["selected_trial"] is None and comparison["closest_trial"] is not None:
+        assert comparison["closest_trial"]["held_out_report"]["n"] == 60  # the nearest miss, evaluated not shipped
+
+
+def test_paired_difference_per_kind(sim: Simulator) -> None:
+    users = sim.users(300, seed=5)
+    a = sim.run(PolicyAgent(PACK), users=users)
+    b = sim.run(OracleAgent(), users=users)
+    for kind in GOAL_KINDS:
+        d = paired_difference(a, b, "success", kind=kind)
+        mask = a.kind == kind
+        assert d["n"] == mask.sum()
+        assert np.isclose(d["mean"], 1.0 - a.success[mask].mean())
+    head = a.take(slice(0, 100))
+    assert len(head) == 100 and np.array_equal(head.success, a.success[:100])
+
+
+def _trial(trial: int, objective: float, success: float, turns: float, at_risk: float, oos: float,
+           at_risk_se: float = 0.0, oos_se: float = 0.0, status: str = "completed", at_risk_regret: float = 3.44,
+           at_risk_regret_se: float = 0.0) -> dict:
+    return {"trial": trial, "status": status, "objective": objective, "success": success, "mean_turns": turns,
+            "at_risk_n": 75, "at_risk_success": at_risk, "at_risk_success_diff_se": at_risk_se,
+            "at_risk_regret": at_risk_regret, "at_risk_regret_diff_se": at_risk_regret_se,
+            "out_of_scope_n": 120, "out_of_scope_success": oos, "out_of_scope_success_diff_se": oos_se,
+            "out_of_scope_regret": 0.91, "out_of_scope_regret_diff_se": 0.0}
+
+
+def test_selection_protects_at_risk_and_out_of_scope_success() -> None:
+    from cluster.jobs.tune_policy import (
+        SEARCH_SPACE,
+        TOLERANCE_SE,
+        best_row,
+        closest_row,
+        objective,
+        rejection_reasons,
+    )
+
+    reference = _trial(0, 0.77, 0.897, 1.068, 0.70, 0.93)
+    rows = [
+        reference,
+        # The previous run's winner: more success, fewer turns, but fewer at-risk cards frozen (a pure loss:
+        # 6 of 75 at-risk users lost, paired se ~ sqrt(6)/75).
+        _trial(1, 0.81, 0.915, 1.060, 0.62, 0.95, at_risk_se=0.032),
+        _trial(2, 0.80, 0.910, 1.060, 0.70, 0.92, oos_se=0.009),  # loses one out-of-scope user, no gain
+        _trial(3, 0.79, 0.905, 1.070, 0.72, 0.95),  # more turns
+        _trial(4, 0.85, 0.930, 1.050, 0.75, 0.96, status="stopped_early"),  # best numbers, not completed
+        # Same at-risk success, but two at-risk users once handed over to a human now get an FAQ answer.
+        _trial(5, 0.795, 0.906, 1.047, 0.70, 0.93, at_risk_regret=3.44 + 0.2, at_risk_regret_se=0.14),
+        # A net loss of one at-risk user inside the noise of a trade (e.g. 4 gained, 5 lost: se ~ 0.04).
+        _trial(6, 0.785, 0.903, 1.066, 0.70 - 1 / 75, 0.93, at_risk_se=0.04),
+        _trial(7, 0.78, 0.901, 1.068, 0.71, 0.94),  # qualifies, lower objective than trial 6
+    ]
+    assert rejection_reasons(reference, reference)  # the defaults never beat themselves
+    assert any("at_risk" in r for r in rejection_reasons(rows[1], reference))
+    assert any("out_of_scope" in r for r in rejection_reasons(rows[2], reference))
+    assert any("turns" in r for r in rejection_reasons(rows[3], reference))
+    assert rejection_reasons(rows[4], reference) == ["not completed (stopped_early)"]
+    assert any("at_risk regret" in r for r in rejection_reasons(rows[5], reference))
+    assert 1 / 75 <= TOLERANCE_SE * 0.04 and rejection_reasons(rows[6], reference) == []
+    assert best_row(rows, reference)["trial"] == 6
+    assert best_row(rows)["trial"] == 1  # without the bars: the highest completed objective
+    assert best_row(rows[:5], reference) is None  # nothing qualifies: the job keeps the defaults
+    weights = {k: 0.0 for k in SEARCH_SPACE}  # the defaults' weights in this made-up search
+    for r in rows:
+        r.update({f"w_{k}": v for k, v in weights.items()}, w_question_cost=2.0 if r["trial"] else 0.0)
+    assert closest_row(rows[:5], reference, weights)["trial"] == 1  # one bar failed, highest objective
+    # A pure loss is never excused by the tolerance: k lost, none gained -> |mean| / se >= 1 > TOLERANCE_SE.
+    d = np.zeros(75)
+    d[:1] = -1.0
+    assert -d.mean() > TOLERANCE_SE * d.std(ddof=1) / np.sqrt(len(d))
+    # The objective charges a protected kind's shortfall against the defaults on the same users.
+    base = {"success": 0.9, "mean_turns": 1.0, "escalation_rate": 0.0}
+    assert objective(base) == objective({**base, "at_risk_success_diff": 0.05})
+    assert objective({**base, "at_risk_success_diff": -0.08}) < objective(base) - 0.07
+    assert objective({**base, "out_of_scope_success_diff": -0.08}) < objective(base) - 0.03
+    regret_up = {**base, "at_risk_regret_diff": 0.4, "at_risk_oracle_utility": 14.0}
+    assert np.isclose(objective(regret_up), objective(base) - 0.4 / 14)
+    assert objective({**regret_up, "at_risk_regret_diff": -0.4}) == objective(base)

@@ -7,10 +7,18 @@ to the policy; Ray Tune searches the utility weights and the question cost, ASHA
 Objective per trial (maximised), over the trial's dialogues so far::
 
     objective = success - TURN_PENALTY * mean_turns - ESCALATION_PENALTY * escalation_rate
+                - sum over k in (at_risk, out_of_scope) of SHORTFALL_PENALTY[k] * shortfall_k
+    shortfall_k = max(0, -(k success diff)) + max(0, k regret diff) / (k oracle utility)
 
 with ``TURN_PENALTY = 0.1`` (an extra question in every conversation must buy at least 10 points of task
-success) and ``ESCALATION_PENALTY = 0.5`` (a hand-over costs half a success on top of not being one:
-escalation is never the oracle's action under the default utilities, but it occupies a human agent).
+success), ``ESCALATION_PENALTY = 0.5`` (a hand-over costs half a success on top of not being one:
+escalation is never the oracle's action under the default utilities, but it occupies a human agent) and
+``SHORTFALL_PENALTY = {at_risk: 1.0, out_of_scope: 0.5}``. The diffs are the trial minus the default weights on
+the same users of that goal kind (the defaults' per-chunk run is made once in the driver and handed to every
+trial). Success counts every conversation alike and at-risk users are about 5% of them, so without the
+shortfall terms the search happily trades frozen compromised cards for FAQ answers; the regret term also
+catches an at-risk user who used to be handed over to a human and is now answered (a failure either way, but
+one that leaves the card unprotected under the pack's utilities).
 
 Protocol, all seeded:
 
@@ -18,19 +26,24 @@ Protocol, all seeded:
 2. Every trial runs ``--dialogues`` conversations on tuning-half users, reported to Tune in ``--chunks``
    chunks (cumulative metrics after each chunk). Chunk ``k`` uses the same users in every trial (common
    random numbers), so trials differ only by their weights. The default weights are the first trial.
-3. Selection encodes the target (more success at equal or fewer turns): the tuned weights are those of the
-   trial with the highest objective among the trials that ran all chunks *and*, on the tuning users, reach
-   a higher success than the default weights at equal or fewer mean turns (the defaults are re-run in the
-   driver on exactly those users). When no trial qualifies, the defaults are kept (and reported as such).
+3. Selection encodes the target: the tuned weights are those of the trial with the highest objective among
+   the trials that ran all chunks *and*, on the tuning users (where the defaults are run in the driver on
+   exactly those users), reach a higher success than the default weights at equal or fewer mean turns *and*
+   serve the protected kinds no worse: at-risk and out-of-scope success no lower, and their regret no higher,
+   than the defaults' beyond ``TOLERANCE_SE = 0.5`` paired standard errors of the trial-minus-default
+   difference on that kind's users (half an SE never excuses a trial that only loses such users; see the
+   constant). When no trial qualifies, the defaults are kept (and reported as such, with the closest trial).
 4. The tuned weights are evaluated against the pack's default weights and the oracle on
    ``--eval-dialogues`` *fresh* users (another seed stream) who type texts from the evaluation half only.
    Success, turns, escalations and regret are scored under the pack's default utilities (see
-   ``graphs.simulator`` for the exact definitions); tuned-minus-default differences are paired (same users)
-   and reported with their standard errors.
+   ``graphs.simulator`` for the exact definitions), overall and per goal kind; tuned-minus-default
+   differences are paired (same users) and reported with their standard errors. ``target_met`` applies the
+   same bars to the held-out users.
 
 Artefacts in ``--output`` (default ``$COACT_RESULTS_DIR`` or ``<repo>/results``, then
-``tune_policy/<timestamp>``): ``results.csv`` (every trial: its
-weights and last reported metrics), ``best_weights.json`` (``{"weights": {...}}``, usable as the
+``tune_policy/<timestamp>``): ``results.csv`` (every trial: its weights, its last reported metrics overall
+and per goal kind ``<kind>_*``, its paired differences with the defaults ``*_diff`` / ``*_diff_se``, whether
+it qualifies and why not), ``best_weights.json`` (``{"weights": {...}}``, usable as the
 DecisionActor's ``user_config``), ``comparison.json``, and Tune's own folder ``tune/``.
 
     python -m cluster.jobs.tune_policy --num-samples 24 --dialogues 600
@@ -44,11 +57,14 @@ Per-trial metrics are deterministic; ASHA's stopping decisions depend on the ord
 trials report, so only ``--max-concurrent 1`` makes the whole tuning run (which trials stop) repeatable
 (checked: two such runs give identical results.csv and comparison.json).
 
-Seen on the banking pack (2 shared cores): ``--num-samples 24 --dialogues 600`` keeps the defaults (no trial
-clears both bars; the gains on offer, about one point of success, are the size of a 600-dialogue trial's
-noise); ``--num-samples 48 --dialogues 1500`` (about 3 minutes) meets the target on held-out users: success
-+1.4 points, slightly fewer turns, escalations 3.4% -> 0.3%, but fewer at-risk cards frozen (the success
-objective counts every conversation alike; at-risk users are about 5% of them).
+Seen on the banking pack (2 shared cores). Before the protected kinds, ``--num-samples 48 --dialogues 1500``
+selected weights that won on held-out users (success 0.902 -> 0.916, turns 1.078 -> 1.062, escalations 3.4%
+-> 0.3%) but froze fewer at-risk cards (at-risk success 0.696 -> 0.622, regret 5.16 -> 6.91). With the bars
+above, ``--num-samples 96 --dialogues 3000`` (about 5 minutes, 164 at-risk tuning users) keeps the defaults:
+no trial qualifies; the nearest miss (more success, fewer turns, at-risk success equal on the tuning users,
+out-of-scope regret up) shows why: on held-out users it again loses at-risk cards (2 of 148, at-risk regret
++0.63, se 0.32) while gaining 1.2 points of success overall. The tuning set's ~160 at-risk users cannot
+certify a policy change on that kind; the gains on offer come from replacing hand-overs by answers.
 """
 
 from __future__ import annotations
@@ -66,8 +82,26 @@ import numpy as np
 
 TURN_PENALTY = 0.1
 ESCALATION_PENALTY = 0.5
+# Goal kinds a tuned policy must not serve worse than the defaults (selection), and what a shortfall costs in
+# the objective (search). Shortfall of a kind = lost success, plus added regret as a fraction of the kind's
+# oracle utility (the pack's own utilities: an at-risk user who used to be handed over to a human and is now
+# answered with an FAQ is a failure either way, but the card is no longer protected). At-risk users are about 5%
+# of the conversations and out-of-scope users about 8%, so plain success weighs a lost at-risk card at 0.05
+# points; the penalty makes it cost about 20x (at risk) and 6x (out of scope) more, so the search is steered
+# away from trading compromised cards for FAQ answers. At risk weighs more: an unfrozen compromised card costs
+# more than a misrouted off-topic question.
+PROTECTED_KINDS = ("at_risk", "out_of_scope")
+SHORTFALL_PENALTY = {"at_risk": 1.0, "out_of_scope": 0.5}
+# A protected kind may lose at most TOLERANCE_SE paired standard errors of (trial - default) success, and gain at
+# most TOLERANCE_SE paired SEs of regret, on that kind's tuning users. Same users, so the difference is exact on
+# them and its paired SE (about sqrt(flips)/n for success) says how much of it is the luck of which users were
+# drawn. Half an SE never excuses a pure loss: a trial that only loses users of a kind (k lost, none gained)
+# has |mean| / se >= sqrt(k) >= 1 (likewise for regret that only goes up); only a net loss inside the noise of a
+# trade (e.g. 5 lost, 4 gained of ~75 at-risk users: -1.3 points, se 4.0 points) is tolerated.
+TOLERANCE_SE = 0.5
 METRIC = "objective"
 TRIAL_CPUS = 0.5
+EPS = 1e-12
 
 # Tuned weights and their search ranges. answer_correct stays at the pack's value: utilities are only
 # defined up to a positive scale, so one weight is the unit. Each range keeps the weight's meaning (a wrong
@@ -87,15 +121,60 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
 SMOKE = {"num_samples": 2, "dialogues": 40, "chunks": 2, "eval_dialogues": 100}
 DEFAULTS = {"num_samples": 24, "dialogues": 600, "chunks": 6, "eval_dialogues": 3000}
 SUMMARY_COLUMNS = ("success", "mean_turns", "escalation_rate", "regret", "question_rate", "timeout_rate")
+KIND_COLUMNS = ("n", "success", "mean_turns", "escalation_rate", "regret", "oracle_utility")
+DIFF_COLUMNS = ("success_diff", "success_diff_se", "regret_diff", "regret_diff_se")
 
 
 def log(msg: str) -> None:
     print(f"[tune_policy] {msg}", flush=True)
 
 
-def objective(summary: dict[str, float]) -> float:
-    return float(summary["success"] - TURN_PENALTY * summary["mean_turns"]
-                 - ESCALATION_PENALTY * summary["escalation_rate"])
+def finite(x: Any) -> bool:
+    return x is not None and bool(np.isfinite(float(x)))
+
+
+def objective(metrics: dict[str, float]) -> float:
+    """success - a * mean_turns - b * escalation_rate
+    - sum_k c_k * (max(0, -<k>_success_diff) + max(0, <k>_regret_diff) / <k>_oracle_utility).
+
+    ``<k>_success_diff`` / ``<k>_regret_diff``: this policy minus the defaults on the same users of kind ``k``
+    (see :func:`trial_metrics`); without them (a plain summary) the objective is the unpenalised one."""
+    value = metrics["success"] - TURN_PENALTY * metrics["mean_turns"] - ESCALATION_PENALTY * metrics["escalation_rate"]
+    for kind, c in SHORTFALL_PENALTY.items():
+        diff = metrics.get(f"{kind}_success_diff")
+        if finite(diff):
+            value -= c * max(0.0, -float(diff))
+        extra, scale = metrics.get(f"{kind}_regret_diff"), metrics.get(f"{kind}_oracle_utility")
+        if finite(extra) and finite(scale) and float(scale) > 0:
+            value -= c * max(0.0, float(extra)) / float(scale)
+    return float(value)
+
+
+def trial_metrics(result: Any, reference: Any) -> dict[str, float]:
+    """Flat metrics of ``result`` (a SimulationResult) and its paired differences with ``reference`` (the default
+    weights on the same users): the summary columns, per goal kind ``<kind>_<column>``, ``success_diff`` and
+    ``<kind>_success_diff`` and ``<kind>_regret_diff`` with their standard errors (``*_se``), and the objective."""
+    from graphs.simulator import paired_difference
+
+    summary = result.summary()
+    out: dict[str, float] = {c: summary[c] for c in SUMMARY_COLUMNS}
+    d = paired_difference(reference, result, "success")
+    out["success_diff"], out["success_diff_se"] = d["mean"], d["se"]
+    d = paired_difference(reference, result, "regret")
+    out["regret_diff"], out["regret_diff_se"] = d["mean"], d["se"]
+    for kind, s in result.by_kind().items():
+        for c in KIND_COLUMNS:
+            out[f"{kind}_{c}"] = s.get(c, 0 if c == "n" else float("nan"))
+        for m in ("success", "regret"):
+            d = paired_difference(reference, result, m, kind=kind)
+            out[f"{kind}_{m}_diff"], out[f"{kind}_{m}_diff_se"] = d["mean"], d["se"]
+    out[METRIC] = objective(out)
+    return out
+
+
+def protected_tolerance(se: float, tolerance_se: float = TOLERANCE_SE) -> float:
+    """The loss a protected kind may show: ``tolerance_se`` paired SEs (0 when the SE is undefined)."""
+    return float(tolerance_se * se) if finite(se) else 0.0
 
 
 def chunk_sizes(total: int, chunks: int) -> list[int]:
@@ -116,13 +195,30 @@ def weights_of(config: dict[str, Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ trainable
+def run_chunks(pack: Any, bank: Any, weights: dict[str, float] | None, seed: int, dialogues: int, chunks: int,
+               max_turns: int) -> Any:
+    """The policy with ``weights`` (None: defaults) on all tuning chunks, concatenated in chunk order."""
+    from graphs.simulator import PolicyAgent, SimulationResult, Simulator
+
+    sim = Simulator(pack, bank, max_turns=max_turns)
+    agent = PolicyAgent(pack, weights)
+    return SimulationResult.concat([sim.run(agent, n=size, seed=seed, stream=f"tune-{k}")
+                                    for k, size in enumerate(chunk_sizes(dialogues, chunks))])
+
+
 def tune_trial(config: dict[str, Any], bank: Any = None, pack: Any = None, seed: int = 0, dialogues: int = 600,
-               chunks: int = 6, max_turns: int = 6) -> None:
-    """One Tune trial: the policy with ``config``'s weights on ``dialogues`` tuning users, reported per chunk."""
+               chunks: int = 6, max_turns: int = 6, reference: Any = None) -> None:
+    """One Tune trial: the policy with ``config``'s weights on ``dialogues`` tuning users, reported per chunk.
+
+    ``reference`` is the default weights' SimulationResult on the same chunks (computed once in the driver;
+    recomputed here when missing): each report pairs the trial's conversations so far with the defaults' on
+    the same users, for the per-kind shortfall terms of the objective."""
     from ray import tune
 
     from graphs.simulator import PolicyAgent, SimulationResult, Simulator
 
+    if reference is None:
+        reference = run_chunks(pack, bank, None, seed, dialogues, chunks, max_turns)
     sim = Simulator(pack, bank, max_turns=max_turns)
     agent = PolicyAgent(pack, weights_of(config))
     parts = []
@@ -130,9 +226,10 @@ def tune_trial(config: dict[str, Any], bank: Any = None, pack: Any = None, seed:
     for k, size in enumerate(chunk_sizes(dialogues, chunks)):
         parts.append(sim.run(agent, n=size, seed=seed, stream=f"tune-{k}"))
         done += size
-        summary = SimulationResult.concat(parts).summary()
-        tune.report({METRIC: objective(summary), "dialogues": done,
-                     **{c: summary[c] for c in SUMMARY_COLUMNS}})
+        result, ref = SimulationResult.concat(parts), reference.take(slice(0, done))
+        if not np.array_equal(result.kind, ref.kind):
+            raise RuntimeError("tune_trial: the reference run met other users than this trial")
+        tune.report({"dialogues": done, **trial_metrics(result, ref)})
 
 
 # ------------------------------------------------------------------------------------ ray
@@ -154,14 +251,15 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Path) -> Any:
+def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Path, reference: Any = None) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     defaults = {k: float(pack.utilities.weights[k]) for k in SEARCH_SPACE}
     trainable = tune.with_parameters(tune_trial, bank=bank_tune, pack=pack, seed=args.seed,
-                                     dialogues=args.dialogues, chunks=args.chunks, max_turns=args.max_turns)
+                                     dialogues=args.dialogues, chunks=args.chunks, max_turns=args.max_turns,
+                                     reference=reference)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": TRIAL_CPUS}),
         param_space=param_space(),
@@ -177,6 +275,15 @@ def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Pat
     return tuner.fit()
 
 
+def trial_columns() -> list[str]:
+    from graphs.simulator import GOAL_KINDS
+
+    cols = [METRIC, *SUMMARY_COLUMNS, *DIFF_COLUMNS]
+    for kind in GOAL_KINDS:
+        cols += [f"{kind}_{c}" for c in (*KIND_COLUMNS, *DIFF_COLUMNS)]
+    return cols
+
+
 def trial_table(grid: Any, chunks: int) -> list[dict[str, Any]]:
     rows = []
     for i, result in enumerate(grid):
@@ -188,46 +295,118 @@ def trial_table(grid: Any, chunks: int) -> list[dict[str, Any]]:
             "status": "error" if result.error else ("completed" if iters >= chunks else "stopped_early"),
             "iterations": iters,
             "dialogues": int(m.get("dialogues", 0)),
-            METRIC: m.get(METRIC, float("nan")),
-            **{c: m.get(c, float("nan")) for c in SUMMARY_COLUMNS},
+            **{c: m.get(c, float("nan")) for c in trial_columns()},
             **{f"w_{k}": result.config.get(k) for k in SEARCH_SPACE},
         })
     return rows
 
 
-def best_row(rows: list[dict[str, Any]], reference: dict[str, float] | None = None) -> dict[str, Any] | None:
+def rejection_reasons(row: dict[str, Any], reference: dict[str, float] | None,
+                      tolerance_se: float = TOLERANCE_SE) -> list[str]:
+    """Why ``row`` (a trial, metrics on the tuning users) may not replace the defaults; [] when it may.
+
+    The bars, all against ``reference`` (the defaults on the same users): the trial ran all chunks; higher
+    success; equal or fewer mean turns; and for each protected kind (at risk, out of scope) a success no lower
+    than the defaults' minus ``tolerance_se`` paired standard errors of the difference (``<kind>_success_diff_se``)
+    and a regret no higher than the defaults' plus ``tolerance_se`` paired SEs (``<kind>_regret_diff_se``).
+    A kind without users on the tuning side is not checked.
+    """
+    reasons = []
+    if row["status"] != "completed":
+        reasons.append(f"not completed ({row['status']})")
+    if reference is None:
+        return reasons
+    if not row["success"] > reference["success"] + EPS:
+        reasons.append(f"success {row['success']:.4f} not above the defaults' {reference['success']:.4f}")
+    if row["mean_turns"] > reference["mean_turns"] + EPS:
+        reasons.append(f"mean turns {row['mean_turns']:.4f} above the defaults' {reference['mean_turns']:.4f}")
+    for kind in PROTECTED_KINDS:
+        if not reference.get(f"{kind}_n", 0):
+            continue
+        for m, sign, word in (("success", -1.0, "lower"), ("regret", 1.0, "higher")):
+            mine, theirs = float(row[f"{kind}_{m}"]), float(reference[f"{kind}_{m}"])
+            worse = sign * (mine - theirs)  # > 0: worse than the defaults
+            tol = protected_tolerance(row.get(f"{kind}_{m}_diff_se"), tolerance_se)
+            if not np.isfinite(worse) or worse > tol + EPS:
+                reasons.append(f"{kind} {m} {mine:.4f} {word} than the defaults' {theirs:.4f} "
+                               f"({mine - theirs:+.4f}, tolerance {tol:.4f})")
+    return reasons
+
+
+def best_row(rows: list[dict[str, Any]], reference: dict[str, float] | None = None,
+             tolerance_se: float = TOLERANCE_SE) -> dict[str, Any] | None:
     """The completed trial with the highest objective; with ``reference`` (the defaults on the same users),
-    only among trials with higher success and equal or fewer mean turns than the reference.
+    only among trials that pass every bar of :func:`rejection_reasons` (more success, no more turns, no lost
+    success and no added regret on the protected kinds beyond the tolerance).
 
     None when no completed trial qualifies. Ties (several weightings that make the same decisions) go to the
     earliest trial, so the defaults (trial 0) win a tie.
     """
-    ok = [r for r in rows if r["status"] == "completed"]
-    if reference is not None:
-        ok = [r for r in ok if r["mean_turns"] <= reference["mean_turns"] + 1e-12
-              and r["success"] > reference["success"] + 1e-12]
+    ok = [r for r in rows if not rejection_reasons(r, reference, tolerance_se)]
     return max(ok, key=lambda r: (r[METRIC], -r["trial"])) if ok else None
 
 
-def reference_run(pack: Any, bank_tune: Any, args: argparse.Namespace) -> dict[str, float]:
-    """The default weights on exactly the tuning users every trial met (same chunks, same streams)."""
-    from graphs.simulator import PolicyAgent, SimulationResult, Simulator
+def closest_row(rows: list[dict[str, Any]], reference: dict[str, float], defaults: dict[str, float],
+                tolerance_se: float = TOLERANCE_SE) -> dict[str, Any] | None:
+    """For the report when nothing qualifies: the completed non-default trial that fails the fewest bars,
+    highest objective first."""
+    cand = [r for r in rows if r["status"] == "completed"
+            and any(abs(float(r[f"w_{k}"]) - float(defaults[k])) > EPS for k in SEARCH_SPACE)]
+    return min(cand, key=lambda r: (len(rejection_reasons(r, reference, tolerance_se)), -r[METRIC], r["trial"]),
+               default=None)
 
-    sim = Simulator(pack, bank_tune, max_turns=args.max_turns)
-    agent = PolicyAgent(pack, None)
-    parts = [sim.run(agent, n=size, seed=args.seed, stream=f"tune-{k}")
-             for k, size in enumerate(chunk_sizes(args.dialogues, args.chunks))]
-    summary = SimulationResult.concat(parts).summary()
-    return {METRIC: objective(summary), **summary}
+
+def reference_run(pack: Any, bank_tune: Any, args: argparse.Namespace) -> tuple[Any, dict[str, float]]:
+    """The default weights on exactly the tuning users every trial met (same chunks, same streams): the
+    SimulationResult (handed to the trials) and its metrics (the bars of the selection)."""
+    result = run_chunks(pack, bank_tune, None, args.seed, args.dialogues, args.chunks, args.max_turns)
+    return result, {"n": len(result), **trial_metrics(result, result)}
+
+
+def held_out_checks(default: Any, other: Any) -> tuple[dict[str, bool], dict[str, dict[str, float]]]:
+    """The selection's bars applied to ``other`` vs ``default`` on the same (held-out) users, and the paired
+    differences (other minus default) they read: overall and per goal kind."""
+    from graphs.simulator import GOAL_KINDS, paired_difference
+
+    paired = {m: paired_difference(default, other, m) for m in ("success", "turns", "escalated", "regret")}
+    for kind in GOAL_KINDS:
+        for m in ("success", "regret"):
+            paired[f"{kind}_{m}"] = paired_difference(default, other, m, kind=kind)
+    checks = {"overall": bool(paired["success"]["mean"] > EPS and paired["turns"]["mean"] <= EPS)}
+    for kind in PROTECTED_KINDS:
+        ps, pr = paired[f"{kind}_success"], paired[f"{kind}_regret"]
+        checks[kind] = bool(ps["n"] == 0 or (ps["mean"] >= -protected_tolerance(ps["se"]) - EPS
+                                             and pr["mean"] <= protected_tolerance(pr["se"]) + EPS))
+    return checks, paired
+
+
+def plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def jsonable(value: Any) -> Any:
+    """Strict JSON: numpy scalars as Python ones, nan (an undefined SE, a kind without users) as null."""
+    value = plain(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 # ------------------------------------------------------------------------------------ report
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    head = f"{'policy':10s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'asked':>6s} {'regret':>7s}"
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Policies side by side: overall measures and success per goal kind (``rows``: name -> report)."""
+    head = (f"{'policy':10s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'asked':>6s} {'regret':>7s} "
+            f"{'at risk':>8s} {'out of sc.':>10s} {'plain FAQ':>9s}")
     lines = [head, "-" * len(head)]
     for name, s in rows.items():
+        k = s["by_kind"]
         lines.append(f"{name:10s} {s['n']:6d} {s['success']:8.4f} {s['mean_turns']:6.3f} {s['escalation_rate']:7.4f} "
-                     f"{s['question_rate']:6.3f} {s['regret']:7.3f}")
+                     f"{s['question_rate']:6.3f} {s['regret']:7.3f} {k['at_risk'].get('success', float('nan')):8.4f} "
+                     f"{k['out_of_scope'].get('success', float('nan')):10.4f} {k['faq'].get('success', float('nan')):9.4f}")
     return "\n".join(lines)
 
 
@@ -243,6 +422,13 @@ def format_kinds(reports: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{kind:13s} {name:9s} {s['n']:6d} {s['success']:8.4f} {s['mean_turns']:6.3f} "
                          f"{s['escalation_rate']:7.4f} {s['regret']:7.3f}")
     return "\n".join(lines)
+
+
+def describe(row: dict[str, Any]) -> str:
+    return (f"objective {row[METRIC]:.4f}, success {row['success']:.4f}, turns {row['mean_turns']:.3f}, "
+            f"regret {row['regret']:.3f}; " + ", ".join(
+                f"{k.replace('_', ' ')} success {row[f'{k}_success']:.4f} ({row[f'{k}_success_diff']:+.4f}) "
+                f"regret {row[f'{k}_regret']:.3f} ({row[f'{k}_regret_diff']:+.3f})" for k in PROTECTED_KINDS))
 
 
 # ------------------------------------------------------------------------------------ main
@@ -292,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"artefacts will go to {out}")
 
     from graphs.domain import load_pack
-    from graphs.simulator import OracleAgent, PolicyAgent, Simulator, UtteranceBank, paired_difference
+    from graphs.simulator import OracleAgent, PolicyAgent, Simulator, UtteranceBank
 
     pack = load_pack(args.domain)
     if args.models_dir is not None:
@@ -308,10 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     bank_tune, bank_eval = bank.split(0.5, seed=args.seed)
     log(f"tuning on {len(bank_tune)} texts, evaluating on the other {len(bank_eval)}")
 
+    t0 = time.perf_counter()
+    reference_result, reference = reference_run(pack, bank_tune, args)
+    log(f"default weights on the {len(reference_result)} tuning users ({time.perf_counter() - t0:.1f}s): "
+        f"success {reference['success']:.4f}, turns {reference['mean_turns']:.3f}, at risk "
+        f"{reference['at_risk_success']:.4f} (n={reference['at_risk_n']}), out of scope "
+        f"{reference['out_of_scope_success']:.4f} (n={reference['out_of_scope_n']})")
     owns_ray = connect(args.address, args.num_cpus)
     try:
         t0 = time.perf_counter()
-        grid = run_tuning(args, pack, bank_tune, out)
+        grid = run_tuning(args, pack, bank_tune, out, reference=reference_result)
         tune_s = time.perf_counter() - t0
     finally:
         if owns_ray:
@@ -319,31 +511,35 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.shutdown()
     rows = trial_table(grid, args.chunks)
+    for r in rows:
+        reasons = rejection_reasons(r, reference) if r["status"] != "error" else ["error"]
+        r["qualifies"] = not reasons
+        r["rejected_because"] = "; ".join(reasons)
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     if not any(r["status"] != "error" for r in rows):
         raise RuntimeError("every Tune trial failed; see the trial errors above")
-    reference = reference_run(pack, bank_tune, args)
+    defaults = dict(pack.utilities.weights)
     best = best_row(rows, reference)
     unconstrained = best_row(rows)
+    closest = closest_row(rows, reference, defaults) if best is None else None
     log(f"tuning: {len(rows)} trials in {tune_s:.1f}s "
         f"({sum(r['status'] == 'completed' for r in rows)} completed, "
-        f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early by ASHA); default weights on the "
-        f"tuning users: objective {reference[METRIC]:.4f}, success {reference['success']:.4f}, "
-        f"turns {reference['mean_turns']:.3f}")
+        f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early by ASHA, "
+        f"{sum(r['qualifies'] for r in rows)} qualify); defaults on the tuning users: {describe(reference)}")
     if unconstrained is not None:
-        log(f"best trial overall: {unconstrained['trial']} (objective {unconstrained[METRIC]:.4f}, "
-            f"success {unconstrained['success']:.4f}, turns {unconstrained['mean_turns']:.3f})")
+        log(f"best trial by objective alone: {unconstrained['trial']} ({describe(unconstrained)})")
     if best is None:
-        log("no completed trial has higher success than the default weights at equal or fewer turns on the "
-            "tuning users: keeping the defaults")
-        tuned = dict(pack.utilities.weights)
+        log("no completed trial beats the defaults' success at equal or fewer turns without losing at-risk or "
+            "out-of-scope success or adding regret there on the tuning users: keeping the defaults")
+        if closest is not None:
+            log(f"closest trial: {closest['trial']} ({describe(closest)}); fails: "
+                f"{'; '.join(rejection_reasons(closest, reference))}")
+        tuned = defaults
     else:
-        log(f"selected trial {best['trial']} (best objective among those beating the defaults' success at "
-            f"equal or fewer turns): "
-            f"objective {best[METRIC]:.4f}, success {best['success']:.4f}, turns {best['mean_turns']:.3f}")
-        tuned = {**pack.utilities.weights, **{k: float(best[f"w_{k}"]) for k in SEARCH_SPACE}}
+        log(f"selected trial {best['trial']} (best objective among the qualifying trials): {describe(best)}")
+        tuned = {**defaults, **{k: float(best[f"w_{k}"]) for k in SEARCH_SPACE}}
 
     # Held-out comparison: fresh users (own seed stream) typing texts from the evaluation half only.
     t0 = time.perf_counter()
@@ -354,27 +550,42 @@ def main(argv: list[str] | None = None) -> int:
         "tuned": sim.run(PolicyAgent(pack, tuned), users=users),
         "oracle": sim.run(OracleAgent(), users=users),
     }
+    closest_weights = None
+    if closest is not None:  # nothing qualified: show what the nearest miss would have done (not shipped)
+        closest_weights = {**defaults, **{k: float(closest[f"w_{k}"]) for k in SEARCH_SPACE}}
+        results["closest"] = sim.run(PolicyAgent(pack, closest_weights), users=users)
     eval_s = time.perf_counter() - t0
-    reports = {name: r.report() for name, r in results.items()}
-    for rep in reports.values():
-        rep[METRIC] = objective(rep)
-    paired = {m: paired_difference(results["default"], results["tuned"], m)
-              for m in ("success", "turns", "escalated", "regret")}
-    d, t = reports["default"], reports["tuned"]
-    target_met = bool(t["success"] > d["success"] and t["mean_turns"] <= d["mean_turns"] + 1e-12)
+    all_reports = {name: r.report() for name, r in results.items()}
+    for name, rep in all_reports.items():
+        rep[METRIC] = trial_metrics(results[name], results["default"])[METRIC]
+    reports = {k: all_reports[k] for k in ("default", "tuned", "oracle")}
+    held_out, paired = held_out_checks(results["default"], results["tuned"])
+    target_met = all(held_out.values())
     comparison = {
-        "target": "tuned success > default success at equal or fewer mean turns (held-out users)",
+        "target": "tuned success > default success at equal or fewer mean turns, and at-risk and out-of-scope "
+                  f"success no lower and regret no higher than the defaults' beyond {TOLERANCE_SE} paired SE "
+                  "(held-out users)",
         "target_met": target_met,
+        "target_checks": held_out,
         "reports": reports,
         "paired_tuned_minus_default": paired,
-        "weights": {"default": dict(pack.utilities.weights), "tuned": tuned},
-        "selected_trial": None if best is None else {k: (v.item() if isinstance(v, np.generic) else v)
-                                                     for k, v in best.items()},
+        "weights": {"default": defaults, "tuned": tuned},
+        "selected_trial": None if best is None else {k: plain(v) for k, v in best.items()},
+        "closest_trial": None if closest is None else {
+            **{k: plain(v) for k, v in closest.items()}, "weights": closest_weights,
+            "held_out_report": all_reports["closest"],
+            **dict(zip(("held_out_checks", "paired_minus_default"),
+                       held_out_checks(results["default"], results["closest"]), strict=True))},
         "selection": "highest objective among completed trials that, on the tuning users, have higher success "
-                     "than the default weights at equal or fewer mean turns; otherwise the defaults",
+                     "than the default weights at equal or fewer mean turns, and neither lower at-risk or "
+                     "out-of-scope success nor higher at-risk or out-of-scope regret beyond "
+                     f"{TOLERANCE_SE} paired standard errors; otherwise the defaults",
+        "tolerance_se": TOLERANCE_SE,
         "default_on_tuning_users": reference,
-        "objective": {"formula": "success - a * mean_turns - b * escalation_rate",
-                      "a": TURN_PENALTY, "b": ESCALATION_PENALTY},
+        "objective": {"formula": "success - a * mean_turns - b * escalation_rate - sum_k c_k * "
+                                 "(max(0, -k success diff) + max(0, k regret diff) / k oracle utility), "
+                                 "diffs paired with the defaults on the same users",
+                      "a": TURN_PENALTY, "b": ESCALATION_PENALTY, "c": SHORTFALL_PENALTY},
         "settings": {"num_samples": args.num_samples, "dialogues_per_trial": args.dialogues, "chunks": args.chunks,
                      "eval_dialogues": args.eval_dialogues, "seed": args.seed, "max_turns": args.max_turns,
                      "domain": pack.name, "models_dir": str(models), "bank": bank.meta,
@@ -382,21 +593,29 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {"tune": round(tune_s, 1), "eval": round(eval_s, 1),
                     "total": round(time.perf_counter() - started, 1)},
     }
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(jsonable(comparison), indent=2, allow_nan=False) + "\n",
+                                         encoding="utf-8")
     (out / "best_weights.json").write_text(json.dumps(
         {"weights": tuned, "trial": None if best is None else int(best["trial"]),
          "objective": reference[METRIC] if best is None else float(best[METRIC]),
          "tuned_on_dialogues": args.dialogues, "seed": args.seed}, indent=2) + "\n", encoding="utf-8")
 
     print()
-    print(f"held-out comparison ({args.eval_dialogues} fresh simulated users, evaluation utilities = pack defaults)")
-    print(format_table({k: reports[k] for k in ("default", "tuned", "oracle")}))
+    print(f"held-out comparison ({args.eval_dialogues} fresh simulated users, evaluation utilities = pack defaults; "
+          f"success per goal kind on the right)")
+    shown = [k for k in ("default", "tuned", "closest", "oracle") if k in all_reports]
+    print(format_table({k: all_reports[k] for k in shown}))
     print()
-    print(format_kinds({k: reports[k] for k in ("default", "tuned")}))
-    ds, dt = paired["success"], paired["turns"]
-    print()
-    print(f"tuned - default: success {ds['mean']:+.4f} (se {ds['se']:.4f}), turns {dt['mean']:+.4f} "
-          f"(se {dt['se']:.4f}); target met: {target_met}")
+    print(format_kinds({k: all_reports[k] for k in shown}))
+    for name in shown[1:-1]:
+        checks, diffs = held_out_checks(results["default"], results[name])
+        print()
+        print(f"{name} - default (paired, same users)" + (f", trial {closest['trial']}, NOT selected:"
+                                                          if name == "closest" else ":"))
+        for key, pk in diffs.items():
+            print(f"  {key:21s} {pk['mean']:+.4f} (se {pk['se']:.4f})")
+        print(f"  bars on held-out users: {checks}")
+    print(f"target met: {target_met}" + ("" if best is not None else " (no trial qualified: tuned = defaults)"))
     print()
     print(f"artefacts: {out}")
     for name in ("results.csv", "best_weights.json", "comparison.json", "tune/"):
