@@ -27,21 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from cluster.local import quiet_env  # noqa: F401 - re-exported for the jobs
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- environment and output
-
-def quiet_env() -> None:
-    """Keep every job offline and local: no usage stats, no hub lookups."""
-    for key, value in {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }.items():
-        os.environ.setdefault(key, value)
-
 
 def logger(job: str):
     def log(msg: str) -> None:
