@@ -16,13 +16,13 @@ APP = "coact-swap"
 def _config(models_dir: Path, intent_model: str | None):
     from ray.serve.schema import ServeDeploySchema
 
-    args = {"models": str(models_dir), "generate": False}
+    app = {"name": APP, "route_prefix": "/swap", "import_path": "graphs.app:build_app",
+           "args": {"models": str(models_dir), "generate": False}}
     if intent_model:
-        args["intent_model"] = intent_model
-    # What `serve deploy` sends: the code version is the import path, so a change of args that
-    # only changes user_config is applied in place by `reconfigure`.
-    return ServeDeploySchema.model_validate({"applications": [
-        {"name": APP, "route_prefix": "/swap", "import_path": "graphs.app:build_app", "args": args}]})
+        # What an operator edits in the config file before `serve deploy`: the code version (import
+        # path, runtime env, args) is unchanged, so Serve calls `reconfigure` on the live replicas.
+        app["deployments"] = [{"name": "IntentActor", "user_config": {"intent_model": intent_model}}]
+    return ServeDeploySchema.model_validate({"applications": [app]})
 
 
 def _intent_replicas() -> set[str]:
