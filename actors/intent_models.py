@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.models import IntentClassifier, ModelsNotBuiltError, read_meta
+from actors.models import IntentClassifier, ModelsNotBuiltError, read_meta, softmax
 
 LINEAR_HEAD = "linear_head"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
@@ -45,12 +45,6 @@ def model_kind(meta: dict[str, Any]) -> str:
     if kind in _SEQUENCE_ALIASES:
         return SEQUENCE_CLASSIFICATION
     raise ValueError(f"unknown intent model kind {kind!r}; expected {LINEAR_HEAD!r} or {SEQUENCE_CLASSIFICATION!r}")
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class LinearIntentModel(IntentClassifier):
@@ -220,7 +214,7 @@ class SequenceIntentClassifier:
         """(n, C) calibrated probabilities over ``labels`` (``emb`` is not used)."""
         if texts is None:
             raise ValueError("a fine-tuned intent model needs the texts")
-        return _softmax(self.logits_texts(list(texts), progress=progress).astype(np.float64)
+        return softmax(self.logits_texts(list(texts), progress=progress).astype(np.float64)
                         / self.temperature).astype(np.float32)
 
     def predict_texts(self, texts: list[str]) -> list[str]:

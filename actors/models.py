@@ -183,7 +183,8 @@ class TextEncoder:
 
 # ---------------------------------------------------------------- heads
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted for stability."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -227,7 +228,7 @@ class IntentClassifier:
 
     def predict_proba(self, emb: np.ndarray) -> np.ndarray:
         """(n, C) calibrated probabilities over ``labels``."""
-        return _softmax(self.logits(emb) / self.temperature)
+        return softmax(self.logits(emb) / self.temperature)
 
     def predict(self, emb: np.ndarray) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(emb).argmax(axis=1)]

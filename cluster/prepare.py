@@ -303,12 +303,6 @@ def build_lm(ctx: _Ctx, target: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- part: intent
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)
@@ -372,8 +366,8 @@ def build_intent(ctx: _Ctx, target: Path) -> dict[str, Any]:
     Xt = ctx.embed("banking77-test", [t for t, _ in test])
     yt = np.array([index[i] for i in (lab for _, lab in test)])
     Xo = ctx.embed("clinc-oos-test", [t for t, _ in D.load_clinc150("oos_test")])
-    Pt = _softmax((Xt @ W.T + b) / temperature)
-    Po = _softmax((Xo @ W.T + b) / temperature)
+    Pt = M.softmax((Xt @ W.T + b) / temperature)
+    Po = M.softmax((Xo @ W.T + b) / temperature)
     k = index[oos_label]
     in_scope = [i for i in range(len(labels)) if i != k]
     pred77 = np.array(in_scope)[Pt[:, in_scope].argmax(1)]
