@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.models import IntentClassifier, ModelsNotBuiltError, read_meta, softmax
+from actors.models import IntentClassifier, IntentLabels, ModelsNotBuiltError, read_meta, softmax
 
 LINEAR_HEAD = "linear_head"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
@@ -138,7 +138,7 @@ def build_network(folder: str | Path, meta: dict[str, Any]):
     raise ValueError(f"{folder}: unknown pooling {pooling!r} (expected 'cls' or 'mean')")
 
 
-class SequenceIntentClassifier:
+class SequenceIntentClassifier(IntentLabels):
     """A fine-tuned MiniLM intent classifier folder (``kind: sequence_classification``).
 
     Same attributes as ``IntentClassifier`` (``labels``, ``out_of_scope_label``, ``priors``, ``temperature``,
@@ -176,14 +176,6 @@ class SequenceIntentClassifier:
         if self.quantized:
             net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
         self.net = net.to(self.device)
-
-    @property
-    def in_scope_labels(self) -> list[str]:
-        return [label for label in self.labels if label != self.out_of_scope_label]
-
-    @property
-    def out_of_scope_index(self) -> int:
-        return self.labels.index(self.out_of_scope_label)
 
     def logits_texts(self, texts: list[str], progress: bool | str = False) -> np.ndarray:
         """(n, C) raw (uncalibrated) logits; texts are batched by length."""

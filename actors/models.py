@@ -194,7 +194,22 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
 
 
-class IntentClassifier:
+class IntentLabels:
+    """What every intent model shares: ``labels`` ending in the out-of-scope label."""
+
+    labels: list[str]
+    out_of_scope_label: str
+
+    @property
+    def in_scope_labels(self) -> list[str]:
+        return [label for label in self.labels if label != self.out_of_scope_label]
+
+    @property
+    def out_of_scope_index(self) -> int:
+        return self.labels.index(self.out_of_scope_label)
+
+
+class IntentClassifier(IntentLabels):
     """Linear intent head over the encoder's embeddings, temperature-calibrated.
 
     ``labels`` are the 77 BANKING77 intents followed by the out-of-scope label.
@@ -214,14 +229,6 @@ class IntentClassifier:
         self.encoder_max_length = int(self.meta.get("max_length", 64))
         if self.W.shape[0] != len(self.labels):
             raise ValueError(f"{self.path}: head has {self.W.shape[0]} rows for {len(self.labels)} labels")
-
-    @property
-    def in_scope_labels(self) -> list[str]:
-        return [label for label in self.labels if label != self.out_of_scope_label]
-
-    @property
-    def out_of_scope_index(self) -> int:
-        return self.labels.index(self.out_of_scope_label)
 
     def logits(self, emb: np.ndarray) -> np.ndarray:
         return _as_2d(emb) @ self.W.T + self.b

@@ -34,6 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------- environment and output
 
+def apply_preset(args, preset: dict[str, Any]) -> None:
+    """Fill the options the user left unset (None) from a preset (defaults or --smoke)."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def logger(job: str):
     def log(msg: str) -> None:
         print(f"[{job}] {msg}", file=sys.stderr, flush=True)

@@ -219,10 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", type=int, default=1, help="Tune verbosity 0-3")
     p.add_argument("--smoke", action="store_true", help=f"tiny run: {SMOKE}, 1-2 epochs, max length 16")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    C.apply_preset(args, SMOKE if args.smoke else DEFAULTS)
     if args.num_samples < 1:
         p.error("--num-samples must be at least 1")
     return args

@@ -80,6 +80,8 @@ from typing import Any
 
 import numpy as np
 
+from cluster.jobs import common as C
+
 TURN_PENALTY = 0.1
 ESCALATION_PENALTY = 0.5
 # Goal kinds a tuned policy must not serve worse than the defaults (selection), and what a shortfall costs in
@@ -454,10 +456,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", type=int, default=1, help="Tune verbosity 0-3")
     p.add_argument("--smoke", action="store_true", help=f"tiny run: {SMOKE}")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    C.apply_preset(args, SMOKE if args.smoke else DEFAULTS)
     for key in ("num_samples", "dialogues", "chunks", "eval_dialogues"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
