@@ -8,6 +8,7 @@ another intent's answer is rejected, and the template reply is sent instead.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from actors.schemas import DecisionResult
 
@@ -53,9 +54,11 @@ def first_sentence(text: str) -> str:
     return parts[0].strip() if parts else ""
 
 
-def _ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
+@lru_cache(maxsize=4096)
+def _ngrams(text: str, n: int = NGRAM) -> frozenset[tuple[str, ...]]:
+    # Cached: the forbidden texts are the domain's FAQ answers, the same on every turn.
     words = _WORD.findall(text.lower())
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None) -> str | None:

@@ -102,7 +102,8 @@ def data_dir() -> Path:
     return _source()[0]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -129,7 +130,7 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
             f"{dest} is missing and downloading it from {remote.url} failed ({e}); are you offline? "
             "Point COACT_DATA_DIR at a folder holding the data (laid out like ../shared/data)."
         ) from e
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     if digest != remote.sha256:
         tmp.unlink(missing_ok=True)
         raise DataUnavailableError(
@@ -240,4 +241,4 @@ def fingerprint(relpaths: Iterable[str] = tuple(REMOTE_FILES)) -> dict[str, dict
 
 @lru_cache(maxsize=32)
 def _sha256_cached(key: tuple[str, int, int]) -> str:
-    return _sha256(Path(key[0]))
+    return file_sha256(Path(key[0]))

