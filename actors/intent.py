@@ -12,7 +12,7 @@ import asyncio
 from ray import serve
 
 from actors.intent_models import load_intent_model
-from actors.models import TextEncoder, models_dir
+from actors.models import TextEncoder, models_dir, set_batching, set_threads
 from actors.nlu import ControlDetector, intent_results
 from actors.schemas import IntentResult
 from graphs.domain import load_pack
@@ -20,8 +20,11 @@ from graphs.domain import load_pack
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class IntentActor:
-    def __init__(self, models: str | None = None, domain: str = "banking", quantize: bool = False) -> None:
+    def __init__(self, models: str | None = None, domain: str = "banking", quantize: bool = False,
+                 max_batch_size: int = 16, batch_wait_s: float = 0.005, threads: int | None = None) -> None:
         root = models_dir() if models is None else models
+        set_threads(threads)
+        set_batching(self.classify, max_batch_size, batch_wait_s)
         self.pack = load_pack(domain)
         self.quantize = quantize
         self.classifier = load_intent_model(f"{root}/intent", quantize=quantize)

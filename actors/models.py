@@ -325,3 +325,17 @@ def load_lm(path: str | Path | None = None, device: str | None = None):
 def lm_version(path: str | Path | None = None) -> str:
     path = Path(path) if path is not None else lm_path()
     return read_meta(path)["version"]
+
+
+def set_threads(threads: int | None) -> None:
+    """torch intra-op threads for this replica; None keeps torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def set_batching(method, max_batch_size: int, batch_wait_s: float) -> None:
+    """Resize a bound @serve.batch method's queue (max_batch_size 1 turns batching off)."""
+    method.set_max_batch_size(max_batch_size)
+    method.set_batch_wait_timeout_s(batch_wait_s)

@@ -10,15 +10,18 @@ import asyncio
 import torch
 from ray import serve
 
-from actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir
+from actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir, set_batching, set_threads
 from actors.nlu import reasoner_results
 from actors.schemas import ReasonerResult
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class ReasonerActor:
-    def __init__(self, models: str | None = None, top_k: int = 3, quantize: bool = False) -> None:
+    def __init__(self, models: str | None = None, top_k: int = 3, quantize: bool = False,
+                 max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int | None = None) -> None:
         root = models_dir() if models is None else models
+        set_threads(threads)
+        set_batching(self.reason, max_batch_size, batch_wait_s)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.findings = FindingHeads(f"{root}/findings")
         self.passages = PassageIndex(f"{root}/passages")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from ray import serve
 
 from actors.generation import GenerationSettings, build_prompt, compose, generate_batch, template_result
-from actors.models import lm_version, load_lm, models_dir
+from actors.models import lm_version, load_lm, models_dir, set_batching, set_threads
 from actors.schemas import ResponderRequest, ResponderResult
 from graphs.domain import load_pack
 
@@ -16,11 +15,13 @@ from graphs.domain import load_pack
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
 class ResponderActor:
     def __init__(self, models: str | None = None, domain: str = "banking", generate: bool = True,
-                 max_new_tokens: int = 24, timeout_s: float = 20.0, threads: int = 1) -> None:
+                 max_new_tokens: int = 24, timeout_s: float = 20.0, threads: int = 1,
+                 max_batch_size: int = 8, batch_wait_s: float = 0.02) -> None:
         root = models_dir() if models is None else models
         # One thread per replica by default: several replicas share the cores, and an oversubscribed
         # torch thread pool was measured 4x slower than a single thread here.
-        torch.set_num_threads(threads)
+        set_threads(threads)
+        set_batching(self.respond, max_batch_size, batch_wait_s)
         self.pack = load_pack(domain)
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
         self.generate = generate

@@ -192,3 +192,13 @@ class AppConfig(_Wire):
     # Load shedding: a full queue answers 503 + Retry-After instead of letting turns time out.
     responder_max_ongoing_requests: int = Field(default=32, ge=1)
     responder_max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
+    # Dynamic batching (@serve.batch) per stage; max_batch_size 1 turns batching off.
+    intent_max_batch_size: int = Field(default=16, ge=1, le=256)
+    intent_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
+    reasoner_max_batch_size: int = Field(default=32, ge=1, le=256)
+    reasoner_batch_wait_s: float = Field(default=0.01, ge=0, le=1)
+    responder_max_batch_size: int = Field(default=8, ge=1, le=256)
+    responder_batch_wait_s: float = Field(default=0.02, ge=0, le=1)
+    # torch intra-op threads per replica (None: torch's default for the encoders).
+    encoder_threads: int | None = Field(default=None, ge=1, le=64)
+    responder_threads: int = Field(default=1, ge=1, le=64)

@@ -25,11 +25,13 @@ def build_app(args: dict | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     # user_config reaches `reconfigure`: a new model folder is picked up without redeploying.
     intent = IntentActor.options(user_config={"intent_model": cfg.intent_model}).bind(
-        models=cfg.models, domain=cfg.domain, quantize=cfg.quantize_encoders)
+        models=cfg.models, domain=cfg.domain, quantize=cfg.quantize_encoders,
+        max_batch_size=cfg.intent_max_batch_size, batch_wait_s=cfg.intent_batch_wait_s, threads=cfg.encoder_threads)
     reasoner = ReasonerActor.options(
         **_replicas(cfg.reasoner_replicas), ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.reasoner_num_gpus},
         user_config={"findings_model": cfg.findings_model},
-    ).bind(models=cfg.models, quantize=cfg.quantize_encoders)
+    ).bind(models=cfg.models, quantize=cfg.quantize_encoders, max_batch_size=cfg.reasoner_max_batch_size,
+           batch_wait_s=cfg.reasoner_batch_wait_s, threads=cfg.encoder_threads)
     decision = DecisionActor.bind(domain=cfg.domain)
     responder = ResponderActor.options(
         **_replicas(cfg.responder_replicas),
@@ -37,5 +39,6 @@ def build_app(args: dict | None = None) -> Application:
         max_ongoing_requests=cfg.responder_max_ongoing_requests,
         max_queued_requests=cfg.responder_max_queued_requests,
     ).bind(models=cfg.models, domain=cfg.domain, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens,
-           timeout_s=cfg.generation_timeout_s)
+           timeout_s=cfg.generation_timeout_s, threads=cfg.responder_threads,
+           max_batch_size=cfg.responder_max_batch_size, batch_wait_s=cfg.responder_batch_wait_s)
     return ChatIngress.bind(intent, reasoner, decision, responder, domain=cfg.domain, session_ttl_s=cfg.session_ttl_s)

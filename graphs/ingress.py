@@ -90,6 +90,26 @@ def _overloaded(what: str, retry_after_s: float | None = None) -> JSONResponse:
     return _error(503, f"overloaded: {what}; retry later", headers={"Retry-After": retry})
 
 
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _retrying(handle: DeploymentHandle, attempts: int = 3, backoff_s: float = 0.25):
+    """Call a stage, retrying when the replica died under the request.
+
+    Safe because every stage is a pure function of its input (the session is written once, by the
+    ingress, after all stages answered); a request that still fails maps to 503 + Retry-After.
+    """
+    async def call(arg):
+        for attempt in range(attempts):
+            try:
+                return await handle.remote(arg)
+            except _REPLICA_GONE:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(backoff_s * (attempt + 1))
+    return call
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=128)
 @serve.ingress(app)
 class ChatIngress:
@@ -101,10 +121,10 @@ class ChatIngress:
         self.ttl_s = session_ttl_s
         self.turn_timeout_s = turn_timeout_s
         self.stages = Stages(
-            intent=lambda m: intent.remote(m),
-            reason=lambda m: reasoner.remote(m),
-            decide=lambda r: decision.remote(r),
-            respond=lambda r: responder.remote(r),
+            intent=_retrying(intent),
+            reason=_retrying(reasoner),
+            decide=_retrying(decision),
+            respond=_retrying(responder),
             load=self._load,
             save=self._save,
         )
@@ -126,7 +146,7 @@ class ChatIngress:
             return _overloaded("a stage's request queue is full", getattr(e, "retry_after_s", None))
         except TimeoutError:
             return _overloaded(f"the turn did not finish within {self.turn_timeout_s:.0f} s")
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except _REPLICA_GONE:
             return _overloaded("a stage replica is restarting")
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionView, responses={404: {}, 422: {}})
