@@ -542,24 +542,49 @@ class Simulator:
         self.risk_var = "card_at_risk" if "card_at_risk" in self.net.states else None
 
     # ------------------------------------------------------------------ users
-    def users(self, n: int, seed: int, stream: str = "") -> Users:
+    def users(self, n: int, seed: int, stream: str = "", kind: str | None = None) -> Users:
         """``n`` users for ``seed`` (and a named ``stream``, e.g. one per tuning chunk): forward samples of the
-        network, then utterances of their goals. Deterministic in (seed, stream, n, pack, bank)."""
-        rng = seeded_rng(seed, "users", stream)
-        joint = sample(self.net, rng, n)
-        codes = {v: np.array([self.net.state_index(v, row[v]) for row in joint], dtype=np.int64)
-                 for v in self.net.variables}
+        network, then utterances of their goals. Deterministic in (seed, stream, n, kind, pack, bank).
+
+        ``kind`` (one of GOAL_KINDS) draws a stratum: users of that goal kind only, by rejection sampling, so
+        exactly the network's conditional distribution given the kind (at-risk users are ~5% of the natural
+        mix: a stratum of them certifies a policy change on that kind with far fewer conversations)."""
+        if kind is not None and kind not in GOAL_KINDS:
+            raise ValueError(f"unknown goal kind {kind!r}; expected one of {GOAL_KINDS}")
+        rng = seeded_rng(seed, "users", stream, *(() if kind is None else ("kind", kind)))
+        codes = self._draw(rng, n)
+        if kind is not None:
+            parts, have = [], 0
+            for _ in range(10_000):
+                keep = self._kinds(codes) == kind
+                parts.append({v: c[keep] for v, c in codes.items()})
+                have += int(keep.sum())
+                if have >= n:
+                    break
+                codes = self._draw(rng, max(n, 1024))
+            else:
+                raise ValueError(f"goal kind {kind!r} is (almost) impossible under the network")
+            codes = {v: np.concatenate([p[v] for p in parts])[:n] for v in self.net.variables}
         goal = codes[self.pack.intent_variable]
         utter = np.empty((n, self.max_turns), dtype=np.int64)
         for g in np.unique(goal):
             rows = np.flatnonzero(goal == g)
             pool = self.bank.indices_of(int(g))
             utter[rows] = pool[rng.integers(0, len(pool), size=(len(rows), self.max_turns))]
-        kind = np.full(n, "faq", dtype=object)
+        return Users(codes=codes, utterances=utter, kind=self._kinds(codes))
+
+    def _draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        joint = sample(self.net, rng, n)
+        return {v: np.array([self.net.state_index(v, row[v]) for row in joint], dtype=np.int64)
+                for v in self.net.variables}
+
+    def _kinds(self, codes: dict[str, np.ndarray]) -> np.ndarray:
+        goal = codes[self.pack.intent_variable]
+        kind = np.full(len(goal), "faq", dtype=object)
         kind[goal == self.oos_index] = "out_of_scope"
         if self.risk_var is not None:
             kind[codes[self.risk_var] == self.net.state_index(self.risk_var, "yes")] = "at_risk"
-        return Users(codes=codes, utterances=utter, kind=kind.astype(str))
+        return kind.astype(str)
 
     def utility_matrix(self, users: Users) -> np.ndarray:
         """(n, n_actions) utility of every terminal action under each user's true state (evaluation weights)."""
@@ -631,12 +656,13 @@ class Simulator:
         return TIMEOUT_ACTION, self.max_turns, asked, True
 
     def run(self, agent: PolicyAgent | OracleAgent, n: int | None = None, seed: int = 0,
-            users: Users | None = None, stream: str = "") -> SimulationResult:
-        """Run ``agent`` on ``users`` (or on ``n`` fresh users drawn with ``seed``) and score every conversation."""
+            users: Users | None = None, stream: str = "", kind: str | None = None) -> SimulationResult:
+        """Run ``agent`` on ``users`` (or on ``n`` fresh users drawn with ``seed``, of goal ``kind`` only when
+        given) and score every conversation."""
         if users is None:
             if n is None:
                 raise ValueError("run: give n (and seed) or users")
-            users = self.users(n, seed, stream)
+            users = self.users(n, seed, stream, kind=kind)
         n = len(users)
         U = self.utility_matrix(users)
         best = U.max(axis=1)

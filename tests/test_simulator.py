@@ -226,3 +226,36 @@ def test_selection_protects_at_risk_and_out_of_scope_success() -> None:
     regret_up = {**base, "at_risk_regret_diff": 0.4, "at_risk_oracle_utility": 14.0}
     assert np.isclose(objective(regret_up), objective(base) - 0.4 / 14)
     assert objective({**regret_up, "at_risk_regret_diff": -0.4}) == objective(base)
+
+
+def test_stratum_users_are_the_conditional_distribution(sim: Simulator) -> None:
+    natural = sim.users(6000, seed=3, stream="s")
+    risk = sim.users(400, seed=3, stream="s", kind="at_risk")
+    assert len(risk) == 400 and set(risk.kind) == {"at_risk"}
+    again = sim.users(400, seed=3, stream="s", kind="at_risk")
+    assert all(np.array_equal(risk.codes[v], again.codes[v]) for v in risk.codes)
+    # Rejection sampling keeps the network's conditional law: the goals of at-risk users in the natural mix
+    # and in the stratum put a similar share on lost_or_stolen_card / compromised_card (~2/3 of them).
+    g = PACK.intent_variable
+    for users in (natural, risk):
+        states = sim.net.states[g]
+        goals = [states[c] for c, k in zip(users.codes[g], users.kind, strict=True) if k == "at_risk"]
+        share = np.mean([x in ("lost_or_stolen_card", "compromised_card") for x in goals])
+        assert 0.45 < share < 0.9, share
+    with pytest.raises(ValueError, match="unknown goal kind"):
+        sim.users(5, seed=0, kind="nobody")
+
+
+def test_trial_metrics_pool_the_stratum_per_kind_only(sim: Simulator) -> None:
+    from cluster.jobs.tune_policy import Runs, trial_metrics
+
+    agent = PolicyAgent(PACK)
+    runs = Runs(sim.run(agent, n=300, seed=1), sim.run(agent, n=100, seed=1, kind="at_risk"))
+    m = trial_metrics(runs, runs)
+    natural = runs.natural.summary()
+    assert m["success"] == natural["success"] and m["mean_turns"] == natural["mean_turns"]
+    assert m["at_risk_n"] == int((runs.natural.kind == "at_risk").sum()) + 100
+    assert m["faq_n"] == int((runs.natural.kind == "faq").sum())
+    assert m["at_risk_success_diff"] == 0.0 and m["success_diff"] == 0.0
+    head = runs.take(150, 40)
+    assert len(head.natural) == 150 and len(head.stratum) == 40

@@ -74,6 +74,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,13 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
     "decline_in_scope": ("uniform", -15.0, -2.0),
     "question_cost": ("loguniform", 0.1, 4.0),
 }
-SMOKE = {"num_samples": 2, "dialogues": 40, "chunks": 2, "eval_dialogues": 100}
-DEFAULTS = {"num_samples": 24, "dialogues": 600, "chunks": 6, "eval_dialogues": 3000}
+SMOKE = {"num_samples": 2, "dialogues": 40, "chunks": 2, "eval_dialogues": 100, "risk_dialogues": 10,
+         "eval_risk_dialogues": 20}
+DEFAULTS = {"num_samples": 48, "dialogues": 2000, "chunks": 4, "eval_dialogues": 3000, "risk_dialogues": 600,
+            "eval_risk_dialogues": 1500}
+# The at-risk stratum: extra users drawn from the network given card_at_risk = yes. In the natural mix they
+# are ~5% (about 100 of 2000), too few to certify that a change of weights loses none of their cards.
+STRATUM_KIND = "at_risk"
 SUMMARY_COLUMNS = ("success", "mean_turns", "escalation_rate", "regret", "question_rate", "timeout_rate")
 KIND_COLUMNS = ("n", "success", "mean_turns", "escalation_rate", "regret", "oracle_utility")
 DIFF_COLUMNS = ("success_diff", "success_diff_se", "regret_diff", "regret_diff_se")
@@ -152,23 +158,63 @@ def objective(metrics: dict[str, float]) -> float:
     return float(value)
 
 
+@dataclass
+class Runs:
+    """One policy's conversations with the natural mix of users and with the at-risk stratum.
+
+    Overall measures (success, turns, escalations) come from the natural users only; per-kind measures pool
+    both, since the stratum's users are draws from the same conditional distribution as the natural mix's
+    at-risk users."""
+
+    natural: Any  # SimulationResult
+    stratum: Any | None = None  # SimulationResult of STRATUM_KIND users, or None
+
+    @property
+    def pooled(self) -> Any:
+        from graphs.simulator import SimulationResult
+
+        if self.stratum is None or len(self.stratum) == 0:
+            return self.natural
+        return SimulationResult.concat([self.natural, self.stratum])
+
+    def take(self, natural: int, stratum: int) -> Runs:
+        return Runs(self.natural.take(slice(0, natural)),
+                    None if self.stratum is None else self.stratum.take(slice(0, stratum)))
+
+    @staticmethod
+    def concat(parts: list[Runs]) -> Runs:
+        from graphs.simulator import SimulationResult
+
+        strata = [p.stratum for p in parts if p.stratum is not None]
+        return Runs(SimulationResult.concat([p.natural for p in parts]),
+                    SimulationResult.concat(strata) if strata else None)
+
+    def report(self) -> dict[str, Any]:
+        return {**self.natural.summary(), "by_kind": self.pooled.by_kind()}
+
+
 def trial_metrics(result: Any, reference: Any) -> dict[str, float]:
-    """Flat metrics of ``result`` (a SimulationResult) and its paired differences with ``reference`` (the default
-    weights on the same users): the summary columns, per goal kind ``<kind>_<column>``, ``success_diff`` and
-    ``<kind>_success_diff`` and ``<kind>_regret_diff`` with their standard errors (``*_se``), and the objective."""
+    """Flat metrics of ``result`` (Runs, or a plain SimulationResult) and its paired differences with
+    ``reference`` (the default weights on the same users): the summary columns, per goal kind
+    ``<kind>_<column>``, ``success_diff`` and ``<kind>_success_diff`` and ``<kind>_regret_diff`` with their
+    standard errors (``*_se``), and the objective. Overall columns: the natural users; per-kind columns: the
+    natural users and the stratum pooled."""
     from graphs.simulator import paired_difference
 
-    summary = result.summary()
+    result = result if isinstance(result, Runs) else Runs(result)
+    reference = reference if isinstance(reference, Runs) else Runs(reference)
+    summary = result.natural.summary()
     out: dict[str, float] = {c: summary[c] for c in SUMMARY_COLUMNS}
-    d = paired_difference(reference, result, "success")
+    d = paired_difference(reference.natural, result.natural, "success")
     out["success_diff"], out["success_diff_se"] = d["mean"], d["se"]
-    d = paired_difference(reference, result, "regret")
+    d = paired_difference(reference.natural, result.natural, "regret")
     out["regret_diff"], out["regret_diff_se"] = d["mean"], d["se"]
-    for kind, s in result.by_kind().items():
+    pooled, pooled_ref = result.pooled, reference.pooled
+    for kind, s in pooled.by_kind().items():
         for c in KIND_COLUMNS:
             out[f"{kind}_{c}"] = s.get(c, 0 if c == "n" else float("nan"))
         for m in ("success", "regret"):
-            d = paired_difference(reference, result, m, kind=kind)
+            d = paired_difference(pooled_ref, pooled, m, kind=kind)
             out[f"{kind}_{m}_diff"], out[f"{kind}_{m}_diff_se"] = d["mean"], d["se"]
     out[METRIC] = objective(out)
     return out
@@ -197,41 +243,54 @@ def weights_of(config: dict[str, Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ trainable
+def run_chunk(sim: Any, agent: Any, seed: int, k: int, natural: int, stratum: int) -> Runs:
+    """Tuning chunk ``k``: ``natural`` users of the natural mix and ``stratum`` at-risk users (own streams)."""
+    return Runs(sim.run(agent, n=natural, seed=seed, stream=f"tune-{k}"),
+                sim.run(agent, n=stratum, seed=seed, stream=f"tune-{k}", kind=STRATUM_KIND) if stratum else None)
+
+
+def chunk_plan(dialogues: int, risk_dialogues: int, chunks: int) -> list[tuple[int, int]]:
+    """(natural, stratum) users per chunk."""
+    return list(zip(chunk_sizes(dialogues, chunks), chunk_sizes(risk_dialogues, chunks) if risk_dialogues
+                    else [0] * min(chunks, dialogues), strict=False))
+
+
 def run_chunks(pack: Any, bank: Any, weights: dict[str, float] | None, seed: int, dialogues: int, chunks: int,
-               max_turns: int) -> Any:
+               max_turns: int, risk_dialogues: int = 0) -> Runs:
     """The policy with ``weights`` (None: defaults) on all tuning chunks, concatenated in chunk order."""
-    from graphs.simulator import PolicyAgent, SimulationResult, Simulator
+    from graphs.simulator import PolicyAgent, Simulator
 
     sim = Simulator(pack, bank, max_turns=max_turns)
     agent = PolicyAgent(pack, weights)
-    return SimulationResult.concat([sim.run(agent, n=size, seed=seed, stream=f"tune-{k}")
-                                    for k, size in enumerate(chunk_sizes(dialogues, chunks))])
+    return Runs.concat([run_chunk(sim, agent, seed, k, a, b)
+                        for k, (a, b) in enumerate(chunk_plan(dialogues, risk_dialogues, chunks))])
 
 
 def tune_trial(config: dict[str, Any], bank: Any = None, pack: Any = None, seed: int = 0, dialogues: int = 600,
-               chunks: int = 6, max_turns: int = 6, reference: Any = None) -> None:
-    """One Tune trial: the policy with ``config``'s weights on ``dialogues`` tuning users, reported per chunk.
+               chunks: int = 6, max_turns: int = 6, reference: Runs | None = None, risk_dialogues: int = 0) -> None:
+    """One Tune trial: the policy with ``config``'s weights on ``dialogues`` tuning users (and
+    ``risk_dialogues`` at-risk ones), reported per chunk.
 
-    ``reference`` is the default weights' SimulationResult on the same chunks (computed once in the driver;
+    ``reference`` is the default weights' Runs on the same chunks (computed once in the driver;
     recomputed here when missing): each report pairs the trial's conversations so far with the defaults' on
     the same users, for the per-kind shortfall terms of the objective."""
     from ray import tune
 
-    from graphs.simulator import PolicyAgent, SimulationResult, Simulator
+    from graphs.simulator import PolicyAgent, Simulator
 
     if reference is None:
-        reference = run_chunks(pack, bank, None, seed, dialogues, chunks, max_turns)
+        reference = run_chunks(pack, bank, None, seed, dialogues, chunks, max_turns, risk_dialogues)
     sim = Simulator(pack, bank, max_turns=max_turns)
     agent = PolicyAgent(pack, weights_of(config))
-    parts = []
-    done = 0
-    for k, size in enumerate(chunk_sizes(dialogues, chunks)):
-        parts.append(sim.run(agent, n=size, seed=seed, stream=f"tune-{k}"))
-        done += size
-        result, ref = SimulationResult.concat(parts), reference.take(slice(0, done))
-        if not np.array_equal(result.kind, ref.kind):
+    parts: list[Runs] = []
+    done = done_risk = 0
+    for k, (a, b) in enumerate(chunk_plan(dialogues, risk_dialogues, chunks)):
+        parts.append(run_chunk(sim, agent, seed, k, a, b))
+        done, done_risk = done + a, done_risk + b
+        result, ref = Runs.concat(parts), reference.take(done, done_risk)
+        if not np.array_equal(result.pooled.kind, ref.pooled.kind):
             raise RuntimeError("tune_trial: the reference run met other users than this trial")
-        tune.report({"dialogues": done, **trial_metrics(result, ref)})
+        tune.report({"dialogues": done, "risk_dialogues": done_risk, **trial_metrics(result, ref)})
 
 
 # ------------------------------------------------------------------------------------ ray
@@ -261,13 +320,23 @@ def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Pat
     defaults = {k: float(pack.utilities.weights[k]) for k in SEARCH_SPACE}
     trainable = tune.with_parameters(tune_trial, bank=bank_tune, pack=pack, seed=args.seed,
                                      dialogues=args.dialogues, chunks=args.chunks, max_turns=args.max_turns,
-                                     reference=reference)
+                                     reference=reference, risk_dialogues=args.risk_dialogues)
+    if args.search == "tpe":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TPE, seeded, started from the hand-set weights: the bars of the selection reward changes that keep
+        # the defaults' handling of at-risk users, which random draws over the whole box rarely make.
+        search_alg = OptunaSearch(points_to_evaluate=[defaults], sampler=optuna.samplers.TPESampler(
+            seed=args.seed, n_startup_trials=max(4, args.num_samples // 6)))
+    else:
+        search_alg = BasicVariantGenerator(points_to_evaluate=[defaults], random_state=args.seed)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": TRIAL_CPUS}),
         param_space=param_space(),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=args.num_samples,
-            search_alg=BasicVariantGenerator(points_to_evaluate=[defaults], random_state=args.seed),
+            search_alg=search_alg,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=args.chunks,
                                     grace_period=min(2, args.chunks), reduction_factor=3),
             max_concurrent_trials=args.max_concurrent or None,
@@ -361,19 +430,22 @@ def closest_row(rows: list[dict[str, Any]], reference: dict[str, float], default
 def reference_run(pack: Any, bank_tune: Any, args: argparse.Namespace) -> tuple[Any, dict[str, float]]:
     """The default weights on exactly the tuning users every trial met (same chunks, same streams): the
     SimulationResult (handed to the trials) and its metrics (the bars of the selection)."""
-    result = run_chunks(pack, bank_tune, None, args.seed, args.dialogues, args.chunks, args.max_turns)
-    return result, {"n": len(result), **trial_metrics(result, result)}
+    result = run_chunks(pack, bank_tune, None, args.seed, args.dialogues, args.chunks, args.max_turns,
+                        args.risk_dialogues)
+    return result, {"n": len(result.natural), **trial_metrics(result, result)}
 
 
-def held_out_checks(default: Any, other: Any) -> tuple[dict[str, bool], dict[str, dict[str, float]]]:
+def held_out_checks(default: Runs, other: Runs) -> tuple[dict[str, bool], dict[str, dict[str, float]]]:
     """The selection's bars applied to ``other`` vs ``default`` on the same (held-out) users, and the paired
-    differences (other minus default) they read: overall and per goal kind."""
+    differences (other minus default) they read: overall (natural users) and per goal kind (pooled with
+    the stratum)."""
     from graphs.simulator import GOAL_KINDS, paired_difference
 
-    paired = {m: paired_difference(default, other, m) for m in ("success", "turns", "escalated", "regret")}
+    paired = {m: paired_difference(default.natural, other.natural, m)
+              for m in ("success", "turns", "escalated", "regret")}
     for kind in GOAL_KINDS:
         for m in ("success", "regret"):
-            paired[f"{kind}_{m}"] = paired_difference(default, other, m, kind=kind)
+            paired[f"{kind}_{m}"] = paired_difference(default.pooled, other.pooled, m, kind=kind)
     checks = {"overall": bool(paired["success"]["mean"] > EPS and paired["turns"]["mean"] <= EPS)}
     for kind in PROTECTED_KINDS:
         ps, pr = paired[f"{kind}_success"], paired[f"{kind}_regret"]
@@ -443,6 +515,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"reports per trial, ASHA's time unit (default {DEFAULTS['chunks']})")
     p.add_argument("--eval-dialogues", type=int, default=None,
                    help=f"fresh conversations for the final comparison (default {DEFAULTS['eval_dialogues']})")
+    p.add_argument("--risk-dialogues", type=int, default=None,
+                   help=f"extra at-risk users per trial (default {DEFAULTS['risk_dialogues']}; 0: none)")
+    p.add_argument("--eval-risk-dialogues", type=int, default=None,
+                   help=f"extra at-risk users in the final comparison (default {DEFAULTS['eval_risk_dialogues']})")
+    p.add_argument("--search", choices=("tpe", "random"), default="tpe",
+                   help="Optuna TPE (default) or random search; both start from the hand-set weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="artefact folder (default $COACT_RESULTS_DIR or <repo>/results, then tune_policy/<timestamp>)")
     p.add_argument("--address", default=None, help="Ray address to attach to (default: a local Ray on 127.0.0.1, "
@@ -460,6 +538,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("num_samples", "dialogues", "chunks", "eval_dialogues"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    for key in ("risk_dialogues", "eval_risk_dialogues"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key.replace('_', '-')} must not be negative")
     args.chunks = min(args.chunks, args.dialogues)
     return args
 
@@ -495,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     reference_result, reference = reference_run(pack, bank_tune, args)
-    log(f"default weights on the {len(reference_result)} tuning users ({time.perf_counter() - t0:.1f}s): "
+    log(f"default weights on the {len(reference_result.natural)} tuning users (+{args.risk_dialogues} at risk) ({time.perf_counter() - t0:.1f}s): "
         f"success {reference['success']:.4f}, turns {reference['mean_turns']:.3f}, at risk "
         f"{reference['at_risk_success']:.4f} (n={reference['at_risk_n']}), out of scope "
         f"{reference['out_of_scope_success']:.4f} (n={reference['out_of_scope_n']})")
@@ -544,15 +625,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sim = Simulator(pack, bank_eval, max_turns=args.max_turns)
     users = sim.users(args.eval_dialogues, args.seed, stream="eval")
+    stratum = sim.users(args.eval_risk_dialogues, args.seed, stream="eval", kind=STRATUM_KIND) \
+        if args.eval_risk_dialogues else None
+
+    def held_out(agent: Any) -> Runs:
+        return Runs(sim.run(agent, users=users), None if stratum is None else sim.run(agent, users=stratum))
+
     results = {
-        "default": sim.run(PolicyAgent(pack, None), users=users),
-        "tuned": sim.run(PolicyAgent(pack, tuned), users=users),
-        "oracle": sim.run(OracleAgent(), users=users),
+        "default": held_out(PolicyAgent(pack, None)),
+        "tuned": held_out(PolicyAgent(pack, tuned)),
+        "oracle": held_out(OracleAgent()),
     }
     closest_weights = None
     if closest is not None:  # nothing qualified: show what the nearest miss would have done (not shipped)
         closest_weights = {**defaults, **{k: float(closest[f"w_{k}"]) for k in SEARCH_SPACE}}
-        results["closest"] = sim.run(PolicyAgent(pack, closest_weights), users=users)
+        results["closest"] = held_out(PolicyAgent(pack, closest_weights))
     eval_s = time.perf_counter() - t0
     all_reports = {name: r.report() for name, r in results.items()}
     for name, rep in all_reports.items():
@@ -586,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "diffs paired with the defaults on the same users",
                       "a": TURN_PENALTY, "b": ESCALATION_PENALTY, "c": SHORTFALL_PENALTY},
         "settings": {"num_samples": args.num_samples, "dialogues_per_trial": args.dialogues, "chunks": args.chunks,
-                     "eval_dialogues": args.eval_dialogues, "seed": args.seed, "max_turns": args.max_turns,
+                     "eval_dialogues": args.eval_dialogues, "risk_dialogues_per_trial": args.risk_dialogues,
+                     "eval_risk_dialogues": args.eval_risk_dialogues, "search": args.search, "seed": args.seed, "max_turns": args.max_turns,
                      "domain": pack.name, "models_dir": str(models), "bank": bank.meta,
                      "tune_texts": len(bank_tune), "eval_texts": len(bank_eval), "smoke": args.smoke},
         "seconds": {"tune": round(tune_s, 1), "eval": round(eval_s, 1),
@@ -600,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
          "tuned_on_dialogues": args.dialogues, "seed": args.seed}, indent=2) + "\n", encoding="utf-8")
 
     print()
-    print(f"held-out comparison ({args.eval_dialogues} fresh simulated users, evaluation utilities = pack defaults; "
-          f"success per goal kind on the right)")
+    print(f"held-out comparison ({args.eval_dialogues} fresh simulated users + {args.eval_risk_dialogues} at-risk "
+          "ones, evaluation utilities = pack defaults; overall columns: the natural mix; success per goal kind on "
+          "the right, at risk pooled with the stratum)")
     shown = [k for k in ("default", "tuned", "closest", "oracle") if k in all_reports]
     print(format_table({k: all_reports[k] for k in shown}))
     print()
