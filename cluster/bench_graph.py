@@ -1,6 +1,7 @@
 """Per-turn latency and throughput: the Serve graph against the same four models in one process.
 
-    python -m cluster.bench_graph [--concurrency 1 8 32] [--requests 32] [--max-new-tokens 20]
+    python -m cluster.bench_graph [--concurrency 1 8 32] [--requests 32] [--max-new-tokens 20] [--json out.json]
+    python -m cluster.bench_graph --quick        # concurrency 1 4, 4 turns of 8 tokens (tests)
 
 Both sides run the same turn function (graphs.pipeline.run_turn) on the same messages. The
 in-process side calls the four stages one after another, blocking, with no batching; the graph
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 from pathlib import Path
@@ -111,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=32, help="turns per concurrency level and side")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 4, 4 turns of 8 new tokens")
+    ap.add_argument("--json", default=None, help="write the table (and machine facts) to this file")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.requests, args.max_new_tokens = [1, 4], 4, 8
 
     from cluster.prepare import ensure_models
 
@@ -128,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
               f"p99={results[('in-process', c)][1]:8.0f} ms  {results[('in-process', c)][2]:6.2f} turns/s", flush=True)
     del turn
 
-    import ray
     from ray import serve
 
-    from cluster.local import deploy, init_ray
+    from cluster.experiments.sweep import start_ray, stop_ray
+    from cluster.local import deploy
 
-    init_ray()
+    started, tmp = start_ray(4)  # a private local Ray (or the job's cluster under `ray job submit`)
     try:
         url = deploy({"models": str(models), "max_new_tokens": args.max_new_tokens}, port=args.port)
 
@@ -149,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serve graph c={c:<3} p50={results[('serve', c)][0]:8.0f} ms  "
                   f"p99={results[('serve', c)][1]:8.0f} ms  {results[('serve', c)][2]:6.2f} turns/s", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("coact")
+        stop_ray(started, tmp)
 
     print("\nconcurrency | in-process p50/p99 ms | serve p50/p99 ms | in-proc turns/s | serve turns/s | "
           "throughput ratio serve/in-process | p50 ratio serve/in-process")
@@ -158,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         a, b = results[("in-process", c)], results[("serve", c)]
         print(f"{c:>11} | {a[0]:>9.0f} / {a[1]:<9.0f} | {b[0]:>6.0f} / {b[1]:<7.0f} | {a[2]:>15.2f} | {b[2]:>13.2f} | "
               f"{b[2] / a[2]:>33.2f} | {b[0] / a[0]:>26.2f}")
+    if args.json:
+        from cluster.experiments.machine import facts
+
+        rows = [{"concurrency": c, "side": side, "p50_ms": v[0], "p99_ms": v[1], "turns_per_s": v[2]}
+                for (side, c), v in results.items()]
+        ratios = {c: {"throughput_ratio": results[("serve", c)][2] / results[("in-process", c)][2],
+                      "p50_ratio": results[("serve", c)][0] / results[("in-process", c)][0]} for c in args.concurrency}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"facts": facts(), "args": vars(args), "rows": rows, "ratios": ratios},
+                                              indent=2))
     return 0
 
 

@@ -1,6 +1,8 @@
 """Exact inference, side by side: graphs.bayesnet against pgmpy's VariableElimination.
 
     python -m cluster.bench_inference [--networks asia child insurance alarm banking] [--repeats 5]
+    python -m cluster.bench_inference --networks all --policy --json results/bench/inference.json
+    python -m cluster.bench_inference --quick        # asia + banking, few queries (tests)
 
 For every network the same random queries (hard evidence drawn from a forward sample, so it is
 possible, plus optionally one virtual-evidence item) run through both engines in one process; the
@@ -10,12 +12,19 @@ table shows per-query medians and the pgmpy/coact ratio, and the answers must ag
 - coact warm: a repeated query shape, the case of a running dialogue;
 - pgmpy with virtual evidence rewrites its engine's model in place, so those queries build a fresh
   `VariableElimination` each time (part of pgmpy's cost for such a query); hard-only queries reuse one.
+
+`--policy`: the decision engine's time per dialogue turn on the banking network. Every inference query
+the policy makes during a turn (posterior and expected utilities, one per answer of every askable
+question for the value of information, the leave-one-out explanation) is recorded and replayed through
+pgmpy; all answers must agree to 1e-9, and the table compares pgmpy's summed query time with the
+policy's whole turn (inference + utilities + VOI + explanation).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import statistics
 import time
 import warnings
@@ -29,6 +38,7 @@ from graphs.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
 
 BNLEARN = ("asia", "child", "insurance", "alarm", "hailfinder", "hepar2")
 DEFAULT_NETWORKS = ("asia", "child", "insurance", "alarm", "banking")
+QUICK_NETWORKS = ("asia", "banking")
 AGREE_ATOL = 1e-9
 
 
@@ -169,14 +179,95 @@ def bench_network(name: str, repeats: int, n_queries: int, seed: int) -> list[di
     return rows
 
 
+def policy_turns(n_turns: int, seed: int) -> list[Any]:
+    """Realistic decision inputs: an intent likelihood and finding likelihoods, plus 0-2 answered questions."""
+    from actors.schemas import SessionEvidence, SoftEvidenceItem
+    from graphs.dialogue import Policy
+    from graphs.domain import load_pack
+
+    pack = load_pack("banking")
+    policy = Policy(pack)
+    rng = np.random.default_rng(seed)
+    turns = []
+    for i in range(n_turns):
+        soft = []
+        for var in [pack.intent_variable, *(f.name for f in pack.findings)]:
+            states = policy.net.states[var]
+            lam = rng.dirichlet(np.full(len(states), 0.3)) + 1e-3
+            soft.append(SoftEvidenceItem(variable=var, likelihood=dict(zip(states, (lam / lam.max()).tolist(),
+                                                                              strict=True)), label=f"turn {i}: {var}"))
+        hard = {}
+        for q in policy.questions[: int(rng.integers(0, 3))]:
+            hard[q.variable] = str(rng.choice(policy.net.states[q.variable]))
+        turns.append(SessionEvidence(soft=soft, hard=hard, asked=list(hard)))
+    return [policy, turns]
+
+
+def bench_policy(repeats: int, n_turns: int, seed: int) -> dict[str, Any]:
+    """Time per turn of the whole policy vs pgmpy answering the same inference queries."""
+    from pgmpy.inference import VariableElimination
+
+    policy, turns = policy_turns(n_turns, seed)
+    net = policy.net
+    model = to_pgmpy(net)
+    engine = VariableElimination(model)
+    recorded: list[Query] = []
+    original = net.query
+
+    def recording(variables, hard=None, soft=None):  # the instance attribute shadows the method
+        recorded.append(Query(list(variables), dict(hard or {}), list(soft or [])))
+        return original(variables, hard, soft)
+
+    ours_turn, ours_queries, theirs_turn, n_queries, worst = [], [], [], [], 0.0
+    for evidence in turns:
+        policy.decide(evidence)  # warm: the dialogue's repeated shapes hit the plan cache
+        ours_turn.append(median_seconds(lambda e=evidence: policy.decide(e), repeats))
+        recorded.clear()
+        net.query = recording
+        try:
+            policy.decide(evidence)
+        finally:
+            del net.query
+        queries = list(recorded)
+        n_queries.append(len(queries))
+        pg_total, our_total = 0.0, 0.0
+        for q in queries:
+            ref, run = pgmpy_answer(model, engine, q)
+            ours = original(q.variables, q.hard, q.soft)
+            worst = max(worst, float(np.max(np.abs(ours - ref))))
+            assert worst < AGREE_ATOL, f"policy query answers differ by {worst:.3g} on {q}"
+            pg_total += median_seconds(run, repeats)
+            our_total += median_seconds(lambda q=q: original(q.variables, q.hard, q.soft), repeats)
+        theirs_turn.append(pg_total)
+        ours_queries.append(our_total)
+    return {
+        "network": "banking policy", "nodes": len(net.variables), "turns": n_turns,
+        "queries_per_turn": statistics.median(n_queries),
+        "coact_turn_ms": statistics.median(ours_turn) * 1e3,
+        "coact_inference_ms": statistics.median(ours_queries) * 1e3,
+        "pgmpy_inference_ms": statistics.median(theirs_turn) * 1e3,
+        "max_diff": worst,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", nargs="+", default=list(DEFAULT_NETWORKS),
-                        choices=[*BNLEARN, "banking"], help="networks to run (default: %(default)s)")
+    parser.add_argument("--networks", nargs="+", default=None, choices=[*BNLEARN, "banking", "all"],
+                        help=f"networks to run (default: {' '.join(DEFAULT_NETWORKS)}; all: every bnlearn one + banking)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per query; the median is kept")
     parser.add_argument("--queries", type=int, default=20, help="random queries per network and evidence kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", action="store_true", help="also time the policy per turn (banking)")
+    parser.add_argument("--turns", type=int, default=10, help="--policy: decision inputs timed")
+    parser.add_argument("--quick", action="store_true", help="asia + banking, 4 queries, 2 repeats, policy on 3 turns")
+    parser.add_argument("--json", default=None, help="write the rows (and machine facts) to this file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.networks, args.queries, args.repeats, args.policy, args.turns = list(QUICK_NETWORKS), 4, 2, True, 3
+    if args.networks is None:
+        args.networks = list(DEFAULT_NETWORKS)
+    elif "all" in args.networks:
+        args.networks = [*BNLEARN, "banking"]
 
     warnings.filterwarnings("ignore")  # pgmpy's deprecation chatter
     rows = [row for name in args.networks for row in bench_network(name, args.repeats, args.queries, args.seed)]
@@ -191,6 +282,22 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['cold_ms']:>10.3f} {r['warm_ms']:>10.3f} {r['pgmpy_ms'] / r['cold_ms']:>9.1f}x "
               f"{r['pgmpy_ms'] / r['warm_ms']:>9.1f}x {r['max_diff']:>10.1e}")
     print(f"all answers agree within {AGREE_ATOL:g}")
+    policy = None
+    if args.policy:
+        policy = bench_policy(args.repeats, args.turns, args.seed)
+        print(f"\ndecision engine per turn (banking, {policy['nodes']} nodes, {args.turns} turns, "
+              f"{policy['queries_per_turn']:.0f} inference queries per turn, same answers within {AGREE_ATOL:g}):")
+        print(f"  coact whole turn {policy['coact_turn_ms']:.2f} ms (its inference {policy['coact_inference_ms']:.2f} ms)"
+              f"; pgmpy for the same queries {policy['pgmpy_inference_ms']:.1f} ms -> "
+              f"{policy['pgmpy_inference_ms'] / policy['coact_turn_ms']:.1f}x (whole turn), "
+              f"{policy['pgmpy_inference_ms'] / policy['coact_inference_ms']:.1f}x (inference only)")
+    if args.json:
+        from pathlib import Path
+
+        from cluster.experiments.machine import facts
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"facts": facts(), "networks": rows, "policy": policy}, indent=2))
 
 
 if __name__ == "__main__":
