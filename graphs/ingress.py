@@ -3,12 +3,16 @@
 
 
 import asyncio
+import json
 import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -19,12 +23,20 @@ from actors.schemas import (
     SESSION_ID_PATTERN,
     ChatRequest,
     ChatResponse,
+    OpenAIChatCompletion,
+    OpenAIChatRequest,
+    OpenAIModelList,
+    ResponderChunk,
+    ResponderRequest,
     SessionState,
     SessionView,
+    StreamError,
 )
 from actors.session_store import DEFAULT_TTL_S, get_or_create_store
+from graphs import openai_api
 from graphs.domain import load_pack
-from graphs.pipeline import Stages, UnknownSession, run_turn
+from graphs.pipeline import PreparedTurn, Stages, UnknownSession, complete_turn, prepare_turn, run_turn
+from graphs.streaming import sse, turn_events
 
 MAX_BODY_BYTES = 16 * 1024  # a chat message is at most MAX_MESSAGE_CHARS; reject big bodies before parsing
 RETRY_AFTER_S = "2"
@@ -43,6 +55,26 @@ def _error(status: int, error: str, detail=None, headers: dict | None = None) ->
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def _is_openai(request: Request) -> bool:
+    path = request.url.path.rstrip("/")
+    return path.endswith("/v1/chat/completions") or path.endswith("/v1/models")
+
+
+def _openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
+                  headers: dict | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else ("server_error" if status == 500 else "overloaded_error")
+    return JSONResponse(status_code=status, content=openai_api.error_body(message, param, code, kind), headers=headers)
+
+
+def _error_for(request: Request, status: int, error: str, detail=None, headers: dict | None = None) -> JSONResponse:
+    """coact's `{"error": str, "detail": …}` body, or OpenAI's `{"error": {"message": …}}` on its routes."""
+    if _is_openai(request):
+        param = detail[0]["field"] if isinstance(detail, list) and detail and "field" in detail[0] else None
+        # OpenAI answers every invalid request with 400; keep 413 (size) and the rest as they are.
+        return _openai_error(400 if status == 422 else status, error, param, headers=headers)
+    return _error(status, error, detail, headers)
+
+
 @app.middleware("http")
 async def limit_body(request: Request, call_next):
     length = request.headers.get("content-length")
@@ -50,34 +82,39 @@ async def limit_body(request: Request, call_next):
         try:
             too_big = int(length) > MAX_BODY_BYTES
         except ValueError:
-            return _error(400, "invalid Content-Length header")
+            return _error_for(request, 400, "invalid Content-Length header")
         if too_big:
-            return _error(413, f"request body too large: {length} bytes (limit {MAX_BODY_BYTES}; "
+            return _error_for(request, 413, f"request body too large: {length} bytes (limit {MAX_BODY_BYTES}; "
                                f"a message holds at most {MAX_MESSAGE_CHARS} characters)")
     return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"field": ".".join(str(x) for x in e["loc"] if x != "body"), "problem": e["msg"], "type": e["type"]}
               for e in exc.errors()]
     if any(e["type"] == "json_invalid" for e in errors):
-        return _error(400, "request body is not valid JSON", errors)
+        return _error_for(request, 400, "request body is not valid JSON", errors)
     if any(e["type"] == "string_too_long" for e in errors):
-        return _error(413, f"message too long: at most {MAX_MESSAGE_CHARS} characters", errors)
+        return _error_for(request, 413, f"message too long: at most {MAX_MESSAGE_CHARS} characters", errors)
     fields = ", ".join(sorted({e["field"] or "body" for e in errors}))
+    if _is_openai(request):
+        first = errors[0]
+        return _openai_error(400, f"invalid request: {first['field'] or 'body'}: {first['problem']}"
+                                  + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""), first["field"] or None,
+                             first["type"])
     return _error(422, f"invalid request: {fields}", errors)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_for(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(Exception)
-async def _internal(_: Request, exc: Exception) -> JSONResponse:
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
     # Still JSON, still naming the problem; the replica log has the traceback.
-    return _error(500, f"internal error: {type(exc).__name__}")
+    return _error_for(request, 500, f"internal error: {type(exc).__name__}")
 
 
 def _valid_session_id(session_id: str) -> bool:
@@ -91,6 +128,7 @@ def _overloaded(what: str, retry_after_s: float | None = None) -> JSONResponse:
 
 
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _retrying(handle: DeploymentHandle, attempts: int = 3, backoff_s: float = 0.25):
@@ -120,6 +158,8 @@ class ChatIngress:
         self.store = get_or_create_store(session_ttl_s)
         self.ttl_s = session_ttl_s
         self.turn_timeout_s = turn_timeout_s
+        self.responder = responder
+        self.created = int(time.time())
         self.stages = Stages(
             intent=_retrying(intent),
             reason=_retrying(reasoner),
@@ -135,8 +175,51 @@ class ChatIngress:
     async def _save(self, session_id: str, state: dict) -> None:
         await self.store.put.remote(session_id, state)
 
-    @app.post("/v1/chat", response_model=ChatResponse, responses={400: {}, 404: {}, 413: {}, 422: {}, 503: {}})
+    async def _responder_stream(self, req: ResponderRequest) -> AsyncIterator[ResponderChunk]:
+        # Handle streaming: a plain handle call cannot carry a stream between deployments (ray #57098).
+        gen = self.responder.options(stream=True).stream.remote(req)
+        try:
+            async for chunk in gen:
+                yield chunk
+        finally:
+            gen.cancel()  # the client left (or the turn ended early): stop generating in the Responder
+
+    def _events(self, turn: PreparedTurn):
+        return turn_events(self.stages, turn, self._responder_stream, unavailable=(BackPressureError, *_REPLICA_GONE))
+
+    async def _prepare(self, body: ChatRequest, create_missing: bool = False) -> PreparedTurn | JSONResponse:
+        """The turn up to the decision, with the same error mapping as a whole turn."""
+        try:
+            return await asyncio.wait_for(prepare_turn(self.stages, self.pack, body, create_missing),
+                                          self.turn_timeout_s)
+        except UnknownSession:
+            return _error(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
+                               "omit session_id to start a new session")
+        except BackPressureError as e:
+            return _overloaded("a stage's request queue is full", getattr(e, "retry_after_s", None))
+        except TimeoutError:
+            return _overloaded(f"the turn did not finish within {self.turn_timeout_s:.0f} s")
+        except _REPLICA_GONE:
+            return _overloaded("a stage replica is restarting")
+
+    async def _sse(self, turn: PreparedTurn) -> AsyncIterator[bytes]:
+        try:
+            async with aclosing(self._events(turn)) as events:
+                async for name, data in events:
+                    yield sse(name, data)
+        except Exception as e:  # headers are sent: report in-band, as an event
+            yield sse("error", StreamError(error=f"internal error: {type(e).__name__}"))
+
+    @app.post("/v1/chat", response_model=ChatResponse, responses={
+        200: {"content": {"text/event-stream": {}}, "description": "`stream: true`: server-sent events "
+              "`decision`, `token`…, `replace` (guard), `done` (see docs/streaming-and-openai.md)"},
+        400: {}, 404: {}, 413: {}, 422: {}, 503: {}})
     async def chat(self, body: ChatRequest):
+        if body.stream:
+            turn = await self._prepare(body)
+            if isinstance(turn, JSONResponse):
+                return turn
+            return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             return await asyncio.wait_for(run_turn(self.stages, self.pack, body), self.turn_timeout_s)
         except UnknownSession:
@@ -148,6 +231,42 @@ class ChatIngress:
             return _overloaded(f"the turn did not finish within {self.turn_timeout_s:.0f} s")
         except _REPLICA_GONE:
             return _overloaded("a stage replica is restarting")
+
+    # --- OpenAI-compatible API -----------------------------------------------------------------
+
+    @app.get("/v1/models", response_model=OpenAIModelList)
+    async def openai_models(self):
+        return openai_api.models(self.pack.name, self.created)
+
+    @app.post("/v1/chat/completions", response_model=OpenAIChatCompletion, responses={
+        200: {"content": {"text/event-stream": {}}, "description": "`stream: true`: chat.completion.chunk events"},
+        400: {}, 404: {}, 413: {}, 503: {}})
+    async def openai_chat(self, body: OpenAIChatRequest,
+                          x_coact_session_id: str | None = Header(default=None, alias=openai_api.SESSION_HEADER)):
+        try:
+            message, session_id = openai_api.turn_input(body, self.pack.name, x_coact_session_id)
+        except openai_api.OpenAIRequestError as e:
+            return _openai_error(e.status, e.message, e.param, e.code)
+        turn = await self._prepare(ChatRequest(message=message, session_id=session_id), create_missing=True)
+        if isinstance(turn, JSONResponse):
+            retry = turn.headers.get("retry-after")
+            return _openai_error(turn.status_code, json.loads(turn.body)["error"],
+                                 headers={"Retry-After": retry} if retry else None)
+        headers = {openai_api.SESSION_HEADER: turn.session.session_id}
+        model = openai_api.model_id(self.pack.name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(openai_api.chunks(self._events(turn), model, include_usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS | headers)
+        try:  # a whole reply: the Responder's batched path, as for a plain /v1/chat turn
+            resp = await asyncio.wait_for(complete_turn(self.stages, turn), self.turn_timeout_s)
+        except BackPressureError as e:
+            return _openai_error(503, "overloaded: the Responder's request queue is full; retry later",
+                                 headers={"Retry-After": str(max(1, round(getattr(e, "retry_after_s", 0) or 2)))})
+        except (TimeoutError, *_REPLICA_GONE):
+            return _openai_error(503, "overloaded: the turn did not finish; retry later",
+                                 headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(openai_api.completion(resp, model).model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionView, responses={404: {}, 422: {}})
     async def get_session(self, session_id: str):

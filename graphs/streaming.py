@@ -1,0 +1,74 @@
+"""A streamed turn as a sequence of events, independent of the wire format (coact SSE or OpenAI chunks).
+
+Order: `decision` (the action and the trace of session, intent, reasoner, decision) as soon as the
+policy has decided; `token` events with the reply text as the Responder generates it; `replace` when
+the guard withdraws what was streamed (the event carries the reply to show instead); `done` with the
+full response, the guard's verdict and the Responder's timing, sent after the session was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+from pydantic import BaseModel
+
+from actors.generation import template_result
+from actors.schemas import ResponderChunk, ResponderRequest, StreamDone, StreamReplace, StreamText
+from graphs.pipeline import PreparedTurn, Stages, finish_turn, partial_response
+
+ResponderStream = Callable[[ResponderRequest], AsyncIterator[ResponderChunk]]
+
+
+async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: ResponderStream,
+                      unavailable: tuple[type[BaseException], ...] = ()) -> AsyncIterator[tuple[str, BaseModel]]:
+    yield "decision", partial_response(turn)
+    req = turn.responder_request
+    if req is None:  # a control intent: the reply is a template, nothing to generate
+        yield "token", StreamText(text=turn.template_reply)
+        done = await finish_turn(stages, turn, None)
+        yield "done", StreamDone(**done.model_dump(), source="template")
+        return
+
+    t0 = time.perf_counter()
+    first_ms: float | None = None
+    sent = replaced = False
+    result = None
+    try:
+        # aclosing: if this generator is closed at a yield (client gone), the Responder stream is closed too.
+        async with aclosing(open_stream(req)) as chunks:
+            async for chunk in chunks:
+                if chunk.kind == "token":
+                    first_ms = first_ms if first_ms is not None else (time.perf_counter() - t0) * 1000.0
+                    sent = True
+                    yield "token", StreamText(text=chunk.text)
+                elif chunk.kind == "replace":
+                    replaced = replaced or sent
+                    yield "replace", StreamReplace(reply=chunk.text, guard=chunk.guard)
+                else:
+                    result = chunk.result
+    except unavailable as e:
+        # The decision stands; only its phrasing failed: send the decided content, flagged.
+        result = template_result(req, f"responder unavailable ({type(e).__name__})", "unavailable")
+        replaced = replaced or sent
+        yield "replace", StreamReplace(reply=result.reply, guard=result.guard)
+    assert result is not None, "the Responder's stream ended without a result"
+    responder_ms = (time.perf_counter() - t0) * 1000.0
+    done = await finish_turn(stages, turn, result, responder_ms)
+    yield "done", StreamDone(**done.model_dump(), source=result.source, guard=result.guard, replaced=replaced,
+                             responder_ms=round(responder_ms, 2),
+                             first_token_ms=None if first_ms is None else round(first_ms, 2))
+
+
+def sse(event: str | None, data: BaseModel | dict | str) -> bytes:
+    """One server-sent event; `data` is JSON on a single line (SSE forbids raw newlines in it)."""
+    if isinstance(data, BaseModel):
+        payload = data.model_dump_json(exclude_none=False)
+    elif isinstance(data, dict):
+        payload = json.dumps(data, separators=(",", ":"))
+    else:
+        payload = data
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()

@@ -1,0 +1,125 @@
+"""The OpenAI-compatible endpoint, driven by the official `openai` client against the running app."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "coact-banking"
+AMBIGUOUS = "I see a payment I don't recognise"
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def ext(obj) -> dict:
+    return obj.model_extra["coact"]
+
+
+def stream_text(url: str, messages: list[dict], **kwargs) -> tuple[str, list]:
+    chunks = list(client(url).chat.completions.create(model=MODEL, messages=messages, stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_models_list(app_url: str) -> None:
+    ids = [m.id for m in client(app_url).models.list()]
+    assert ids == [MODEL]
+
+
+def test_completion_keeps_the_session_across_calls(app_url: str) -> None:
+    sid = uuid.uuid4().hex
+    c = client(app_url)
+    history = [{"role": "user", "content": AMBIGUOUS}]
+    first = c.chat.completions.create(model=MODEL, messages=history, user=sid)
+    assert first.object == "chat.completion" and first.choices[0].finish_reason == "stop"
+    reply = first.choices[0].message.content
+    assert ext(first)["session_id"] == sid
+    assert ext(first)["action"]["kind"] == "ask"
+    decision = next(s for s in ext(first)["trace"]["stages"] if s["stage"] == "decision")["output"]
+    assert decision["question"] in reply
+    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "yes"}]
+    second = c.chat.completions.create(model=MODEL, messages=history, user=sid)
+    assert ext(second)["action"] == {"kind": "action", "name": "freeze_card", "target": None}
+    assert "frozen" in second.choices[0].message.content
+    assert second.usage.completion_tokens == ext(second)["trace"]["stages"][-1]["output"]["tokens"]
+    session = httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]
+    assert session["turns"] == 2 and session["history"][-1]["text"] == second.choices[0].message.content
+
+
+def test_streaming_chunks_and_header_session(app_url: str) -> None:
+    sid = uuid.uuid4().hex
+    text, chunks = stream_text(app_url, [{"role": "user", "content": AMBIGUOUS}],
+                               extra_headers={"X-Coact-Session-Id": sid}, stream_options={"include_usage": True})
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert ext(chunks[0])["action"]["kind"] == "ask" and ext(chunks[0])["session_id"] == sid
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    info = ext(final)
+    assert final.choices[0].finish_reason == "stop"
+    assert info["session_id"] == sid and info["source"] in {"model", "template"}
+    if not info["replaced"]:
+        assert text == info["reply"]
+    assert info["reply"] in text or info["replaced"]
+    assert chunks[-1].usage is not None and chunks[-1].choices == []  # include_usage: a last, empty chunk
+    # More than the first and the last chunk: the reply arrived in pieces.
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+    text2, _ = stream_text(app_url, [{"role": "user", "content": "yes"}], extra_headers={"X-Coact-Session-Id": sid})
+    assert "frozen" in text2
+    assert httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]["turns"] == 2
+
+
+def test_raw_sse_format(app_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+    with httpx.stream("POST", f"{app_url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-coact-session-id"]
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "needle"),
+    [
+        ({"model": "gpt-4o"}, 404, "gpt-4o"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "role 'user'"),
+        ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty"),
+        ({"messages": [{"role": "user", "content": "x" * 2500}]}, 400, "too long"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+         "image_url"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"n": 2}, 400, "n=1"),
+        ({"temperature": 7}, 400, "temperature"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    ],
+)
+def test_bad_requests_get_openai_errors(app_url: str, kwargs: dict, status: int, needle: str) -> None:
+    args = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} | kwargs
+    with pytest.raises(openai.APIStatusError) as info:
+        client(app_url).chat.completions.create(**args)
+    err = info.value
+    assert err.status_code == status, err
+    assert needle in err.body["message"], err.body
+    assert err.body["type"] == "invalid_request_error"
+
+
+def test_bad_bodies_over_plain_http(app_url: str) -> None:
+    url = f"{app_url}/v1/chat/completions"
+    r = httpx.post(url, content=b'{"model": ', headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                   headers={"X-Coact-Session-Id": "../etc"}, timeout=60)
+    assert r.status_code == 400 and "X-Coact-Session-Id" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"x" * 20000, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
