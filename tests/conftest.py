@@ -56,3 +56,19 @@ def app_url(models_dir: Path, ray_cluster: None) -> Iterator[str]:
                  timeout_s=600)
     yield url
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[object]:
+    """A private `ray start --head` with the dashboard (Jobs API), token auth on, own HOME/temp dir/ports."""
+    from cluster.head import start_head
+
+    head = start_head(num_cpus=2)
+    yield head
+    pids = head.descendants()
+    killed = head.stop()
+    # Every process the head started must be gone, without a machine-wide `ray stop`.
+    assert not killed, f"head processes needed SIGKILL after SIGTERM: {killed}"
+    import psutil
+
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

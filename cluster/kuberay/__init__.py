@@ -1,0 +1,44 @@
+"""The RayService manifest carries cluster/serve/gpu.yaml verbatim as its ``serveConfigV2``.
+
+``python -m cluster.kuberay --write`` copies gpu.yaml into the manifest (between its BEGIN/END markers);
+``--check`` (and tests/test_configs.py) fail while the two differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = HERE / "rayservice.yaml"
+SERVE_CONFIG = HERE.parent / "serve" / "gpu.yaml"
+BEGIN, END = "# --- BEGIN cluster/serve/gpu.yaml ---", "# --- END cluster/serve/gpu.yaml ---"
+
+
+def render(manifest: str | None = None, serve_config: str | None = None) -> str:
+    """The manifest text with the block between the markers replaced by gpu.yaml, indented like the markers."""
+    manifest = MANIFEST.read_text() if manifest is None else manifest
+    serve_config = SERVE_CONFIG.read_text() if serve_config is None else serve_config
+    lines = manifest.splitlines(keepends=True)
+    begin = next(i for i, line in enumerate(lines) if line.strip() == BEGIN)
+    end = next(i for i, line in enumerate(lines) if line.strip() == END)
+    indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
+    body = [f"{indent}{line}".rstrip() + "\n" if line.strip() else "\n" for line in serve_config.splitlines()]
+    return "".join(lines[: begin + 1] + body + lines[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite the manifest's serveConfigV2 from gpu.yaml")
+    args = p.parse_args(argv)
+    current, wanted = MANIFEST.read_text(), render()
+    if current == wanted:
+        print(f"{MANIFEST} is in sync with {SERVE_CONFIG}")
+        return 0
+    if args.write:
+        MANIFEST.write_text(wanted)
+        print(f"rewrote serveConfigV2 of {MANIFEST} from {SERVE_CONFIG}")
+        return 0
+    print(f"{MANIFEST} differs from {SERVE_CONFIG}: run python -m cluster.kuberay --write")
+    return 1

@@ -1,0 +1,3 @@
+from cluster.kuberay import main
+
+raise SystemExit(main())
