@@ -69,9 +69,16 @@ def test_open_loop_load_is_bounded_by_count(app_url: str, tmp_path: Path) -> Non
     L.write_result(tmp_path, res)
     s, rows = check_run(tmp_path, max_turns=3)
     assert s["turns"] == 3
-    # Open loop: sessions start on their own schedule, not after the previous answer.
+    # Open loop: sessions start on the seeded Poisson schedule (the generator's first two draws), whatever
+    # the response times; only scheduling lag separates an arrival from its planned time.
+    import random
+
+    draws = random.Random(2)
+    planned = [draws.expovariate(2.0)]
+    planned.append(planned[0] + draws.expovariate(2.0))
     opens = sorted(float(r["t_start_s"]) for r in rows if r["turn"] == "0")
-    assert len(opens) >= 2 and opens[1] - opens[0] < min(float(r["latency_ms"]) for r in rows) / 1000
+    assert len(opens) >= 2
+    assert all(0 <= got - want < 0.5 for got, want in zip(opens[:2], planned, strict=True)), (opens, planned)
 
 
 def test_refuses_a_remote_target() -> None:
