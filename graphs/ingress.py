@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 
 import ray
@@ -189,9 +189,12 @@ class ChatIngress:
 
     async def _prepare(self, body: ChatRequest, create_missing: bool = False) -> PreparedTurn | JSONResponse:
         """The turn up to the decision, with the same error mapping as a whole turn."""
+        return await self._mapped(prepare_turn(self.stages, self.pack, body, create_missing), body)
+
+    async def _mapped(self, turn: Awaitable, body: ChatRequest):
+        """Await (part of) a turn under the turn timeout; known failures become 404 / 503 JSON responses."""
         try:
-            return await asyncio.wait_for(prepare_turn(self.stages, self.pack, body, create_missing),
-                                          self.turn_timeout_s)
+            return await asyncio.wait_for(turn, self.turn_timeout_s)
         except UnknownSession:
             return _error(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
                                "omit session_id to start a new session")
@@ -220,17 +223,7 @@ class ChatIngress:
             if isinstance(turn, JSONResponse):
                 return turn
             return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            return await asyncio.wait_for(run_turn(self.stages, self.pack, body), self.turn_timeout_s)
-        except UnknownSession:
-            return _error(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
-                               "omit session_id to start a new session")
-        except BackPressureError as e:
-            return _overloaded("a stage's request queue is full", getattr(e, "retry_after_s", None))
-        except TimeoutError:
-            return _overloaded(f"the turn did not finish within {self.turn_timeout_s:.0f} s")
-        except _REPLICA_GONE:
-            return _overloaded("a stage replica is restarting")
+        return await self._mapped(run_turn(self.stages, self.pack, body), body)
 
     # --- OpenAI-compatible API -----------------------------------------------------------------
 
