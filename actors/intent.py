@@ -1,8 +1,9 @@
-"""IntentActor: message -> calibrated intent distribution, control intent, out-of-scope flag.
+"""IntentActor: message (+ the pending question) -> intent distribution, conversation acts, content, answer.
 
 The intent model folder is hot-swappable: Serve's `user_config` (`{"intent_model": path}`) calls
 `reconfigure`, which loads the new folder (frozen-encoder head or fine-tuned classifier) and
-swaps it in without redeploying; every result names the model version that produced it.
+swaps it in without redeploying; every result names the model version that produced it. `{"acts_model": path}`
+swaps the act classifier the same way.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import asyncio
 
 from ray import serve
 
+from actors.acts import ActClassifier, AnswerReader
 from actors.intent_models import load_intent_model
 from actors.models import TextEncoder, models_dir, set_batching, set_threads
-from actors.nlu import ControlDetector, intent_results
-from actors.schemas import IntentResult
+from actors.nlu import understand
+from actors.schemas import IntentRequest, IntentResult
 from graphs.domain import load_pack
 
 
@@ -28,28 +30,31 @@ class IntentActor:
         self.pack = load_pack(domain)
         self.quantize = quantize
         self.classifier = load_intent_model(f"{root}/intent", quantize=quantize)
-        # The base encoder serves control-intent detection whatever intent model is loaded.
+        # The base encoder serves the acts and the answer reading whatever intent model is loaded.
         self.encoder = TextEncoder(quantize=quantize, max_length=64)
-        texts, labels = ControlDetector.examples(self.pack)
-        self.control = ControlDetector(self.pack, self.encoder.embed(texts), labels)
-        self._classify(["warm-up"])  # first inference pays torch's lazy set-up; not the first user
+        self.acts = ActClassifier(f"{root}/acts")
+        self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **self.acts.answer_reader)
+        self._classify([IntentRequest(message="warm-up")])  # first inference pays torch's lazy set-up
 
     def reconfigure(self, config: dict) -> None:
-        path = (config or {}).get("intent_model")
-        if path:
-            self.classifier = load_intent_model(path, quantize=self.quantize)
+        config = config or {}
+        if config.get("intent_model"):
+            self.classifier = load_intent_model(config["intent_model"], quantize=self.quantize)
+        if config.get("acts_model"):
+            acts = ActClassifier(config["acts_model"])
+            self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **acts.answer_reader)
+            self.acts = acts
 
-    def _classify(self, messages: list[str]) -> list[IntentResult]:
-        classifier = self.classifier  # one model per batch, even if reconfigure swaps it meanwhile
-        emb = self.encoder.embed(messages)
-        probs = classifier.predict_proba_texts(messages, emb)
-        return intent_results(messages, emb, probs, classifier.labels, classifier.priors,
-                              self.control, self.pack.out_of_scope_label, classifier.version)
+    def _classify(self, requests: list[IntentRequest]) -> list[IntentResult]:
+        # One set of models per batch, even if reconfigure swaps them meanwhile.
+        classifier, acts, answers = self.classifier, self.acts, self.answers
+        emb = self.encoder.embed([r.message for r in requests])
+        return understand(requests, emb, classifier, acts, answers, self.pack.out_of_scope_label)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def classify(self, messages: list[str]) -> list[IntentResult]:
+    async def classify(self, requests: list[IntentRequest]) -> list[IntentResult]:
         # Inference off the event loop so health checks and queueing stay responsive.
-        return await asyncio.to_thread(self._classify, messages)
+        return await asyncio.to_thread(self._classify, requests)
 
-    async def __call__(self, message: str) -> IntentResult:
-        return await self.classify(message)
+    async def __call__(self, request: IntentRequest) -> IntentResult:
+        return await self.classify(request)

@@ -6,6 +6,7 @@ Everything here reads the folder ``coact prepare`` builds (``cluster/prepare.py`
     <models_dir>/intent/    linear intent head on MiniLM embeddings (head.safetensors + meta.json)
     <models_dir>/findings/  one logistic head per domain finding (heads.safetensors + meta.json)
     <models_dir>/passages/  FAQ passages and their embeddings (embeddings.npy + meta.json)
+    <models_dir>/acts/      conversation-act + content heads (heads.safetensors + meta.json; actors/acts.py)
 
 Each folder's ``meta.json`` carries a ``version`` (content hash) so traces can name the model that
 answered. Imports stay light: numpy and safetensors.numpy at import time; torch and transformers
@@ -242,7 +243,12 @@ class IntentClassifier(IntentLabels):
 
 
 class FindingHeads:
-    """One logistic head per domain finding: y = sigmoid(w . embedding + b)."""
+    """One logistic head per domain finding: y = sigmoid(w . embedding + b).
+
+    ``effective_prior`` is the prior each head's output assumes (its training rows' weighted positive share:
+    0.5 for class-balanced heads); it, not the data's ``positive_rates``, is what turns an output into a
+    likelihood ratio, so it is what the Reasoner sends as ``finding_prior``.
+    """
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else findings_path()
@@ -252,7 +258,13 @@ class FindingHeads:
         self.b = tensors["bias"].astype(np.float32)  # (F,)
         self.names: list[str] = list(self.meta["names"])
         self.positive_rates = np.asarray([self.meta["positive_rates"][n] for n in self.names], dtype=np.float32)
+        self.effective_prior = np.asarray([_finding_prior(self.meta, n) for n in self.names], dtype=np.float32)
         self.version: str = self.meta["version"]
+
+    @property
+    def prior(self) -> np.ndarray:
+        """(F,) the prior the heads' outputs assume (``effective_prior``), in ``names`` order."""
+        return self.effective_prior
 
     def predict(self, emb: np.ndarray) -> np.ndarray:
         """(n, F) probabilities, columns in ``names`` order."""
@@ -260,6 +272,16 @@ class FindingHeads:
 
     def predict_dict(self, emb_row: np.ndarray) -> dict[str, float]:
         return dict(zip(self.names, (float(p) for p in self.predict(emb_row)[0]), strict=True))
+
+
+def _finding_prior(meta: dict[str, Any], name: str) -> float:
+    """A head's effective prior from meta.json; folders built before it was recorded: 0.5 when trained with
+    balanced class weights (as they all were), else the positive rate."""
+    if "effective_prior" in meta:
+        return float(meta["effective_prior"][name])
+    if meta.get("class_weight") == "balanced":
+        return 0.5
+    return float(meta["positive_rates"][name])
 
 
 class PassageIndex:

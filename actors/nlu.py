@@ -3,82 +3,74 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actors.schemas import IntentResult, Passage, ReasonerResult, ScoredLabel
-from graphs.domain import DomainPack
+from actors.schemas import AnswerReading, IntentRequest, IntentResult, Passage, ReasonerResult, ScoredLabel
+
+if TYPE_CHECKING:
+    from actors.acts import ActClassifier, ActReading, AnswerReader
+    from actors.models import FindingHeads, PassageIndex
 
 _PUNCT = re.compile(r"[^\w\s']+")
-CONTROL_SIMILARITY = 0.80  # cosine to the closest control example; MiniLM paraphrases sit above ~0.8
-CONTROL_MAX_WORDS = 8  # longer messages carry content: let the domain classifier have them
 
 
 def normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-class ControlDetector:
-    """Conversation-control intents (affirm, deny, greeting, thanks, goodbye).
-
-    Exact lexicon match first (short replies like "yes" are unambiguous), then nearest
-    example by embedding similarity for paraphrases ("yeah I think so").
-    """
-
-    def __init__(self, pack: DomainPack, example_embeddings: np.ndarray, example_labels: list[str]) -> None:
-        self.lexicon = {normalise(w): name for name, ci in pack.control_intents.items() for w in ci.lexicon}
-        self.embeddings = example_embeddings
-        self.labels = example_labels
-
-    @staticmethod
-    def examples(pack: DomainPack) -> tuple[list[str], list[str]]:
-        texts, labels = [], []
-        for name, ci in pack.control_intents.items():
-            texts.extend(ci.examples)
-            labels.extend([name] * len(ci.examples))
-        return texts, labels
-
-    def detect(self, text: str, embedding: np.ndarray) -> tuple[str | None, float]:
-        norm = normalise(text)
-        if norm in self.lexicon:
-            return self.lexicon[norm], 1.0
-        if len(norm.split()) > CONTROL_MAX_WORDS or len(self.labels) == 0:
-            return None, 0.0
-        sims = self.embeddings @ embedding
-        best = int(np.argmax(sims))
-        score = float(sims[best])
-        return (self.labels[best], score) if score >= CONTROL_SIMILARITY else (None, score)
-
-
 def intent_results(
-    texts: list[str],
-    embeddings: np.ndarray,
     probs: np.ndarray,
     labels: list[str],
     class_prior: np.ndarray,
-    control: ControlDetector,
     oos_label: str,
     model_version: str,
+    acts: ActReading,
+    answers: Sequence[AnswerReading | None],
     top_k: int = 5,
 ) -> list[IntentResult]:
+    """One IntentResult per message: the intent distribution, the acts and content, the answer reading."""
     results = []
     oos_index = labels.index(oos_label) if oos_label in labels else None
-    for text, emb, p in zip(texts, embeddings, probs, strict=True):
+    prior = [float(x) for x in class_prior]
+    for i, (p, answer) in enumerate(zip(probs, answers, strict=True)):
         order = np.argsort(-p)[:top_k]
-        name, score = control.detect(text, emb)
         results.append(
             IntentResult(
-                top=[ScoredLabel(label=labels[i], p=round(float(p[i]), 6)) for i in order],
+                top=[ScoredLabel(label=labels[j], p=round(float(p[j]), 6)) for j in order],
                 probs=[float(x) for x in p],
                 labels=labels,
-                class_prior=[float(x) for x in class_prior],
-                control=name,  # type: ignore[arg-type]
-                control_score=round(score, 4),
+                class_prior=prior,
                 out_of_scope=oos_index is not None and int(order[0]) == oos_index,
                 model_version=model_version,
+                acts={n: round(v, 6) for n, v in acts.probs(i).items()},
+                content=round(float(acts.content[i]), 6),
+                answer=answer,
             )
         )
     return results
+
+
+def understand(
+    requests: Sequence[IntentRequest],
+    embeddings: np.ndarray,
+    classifier: Any,
+    acts: ActClassifier,
+    answers: AnswerReader,
+    oos_label: str,
+) -> list[IntentResult]:
+    """The IntentActor's work on a batch, given the base encoder's embeddings of the messages: the intent
+    model (``actors.intent_models``: any kind), the acts read with each request's pending flag, and the answer
+    reading for requests whose ``pending`` names a pack question with answer examples."""
+    from actors.acts import read_acts
+
+    messages = [r.message for r in requests]
+    probs = classifier.predict_proba_texts(messages, embeddings)
+    reading = read_acts(acts, embeddings, [r.pending is not None for r in requests])
+    answer = [answers.read(r.pending, row) for r, row in zip(requests, embeddings, strict=True)]
+    return intent_results(probs, classifier.labels, classifier.priors, oos_label, classifier.version, reading, answer)
 
 
 def reasoner_results(
@@ -102,3 +94,14 @@ def reasoner_results(
         )
         for row, hits in zip(finding_probs, passages, strict=True)
     ]
+
+
+def reason(embeddings: np.ndarray, findings: FindingHeads, passages: PassageIndex, top_k: int,
+           device: str) -> list[ReasonerResult]:
+    """The ReasonerActor's work on a batch: finding probabilities, sent with the prior the heads assume
+    (``FindingHeads.effective_prior``: the likelihood ratio of an output p is odds(p) / odds(prior)), and the
+    top-k FAQ passages."""
+    probs = findings.predict(embeddings)
+    hits = [passages.top_k(row, top_k) for row in embeddings]
+    return reasoner_results(embeddings, probs, findings.names, findings.effective_prior.tolist(), hits,
+                            f"{findings.version}+{passages.version}", device)

@@ -11,7 +11,7 @@ import torch
 from ray import serve
 
 from actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir, set_batching, set_threads
-from actors.nlu import reasoner_results
+from actors.nlu import reason
 from actors.schemas import ReasonerResult
 
 
@@ -41,11 +41,8 @@ class ReasonerActor:
 
     def _reason(self, messages: list[str]) -> list[ReasonerResult]:
         findings, passages = self.findings, self.passages  # stable across a concurrent reconfigure
-        emb = self.encoder.embed(messages)
-        probs = findings.predict(emb)
-        hits = [passages.top_k(row, self.top_k) for row in emb]
-        return reasoner_results(emb, probs, findings.names, findings.positive_rates.tolist(), hits,
-                                f"{findings.version}+{passages.version}", self.device)
+        # Sends findings.effective_prior as finding_prior (the prior the heads assume), see actors.nlu.reason.
+        return reason(self.encoder.embed(messages), findings, passages, self.top_k, self.device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def reason(self, messages: list[str]) -> list[ReasonerResult]:

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_MESSAGE_CHARS = 2000
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
-ControlIntentName = Literal["affirm", "deny", "greeting", "thanks", "goodbye"]
+# Conversation acts the IntentActor reads from a message (multi-label, besides its domain content).
+ActName = Literal["affirm", "deny", "unsure", "greeting", "thanks", "goodbye", "request_human", "correction"]
 ActionKind = Literal["answer", "ask", "action", "escalate", "decline", "chitchat"]
 StageName = Literal["session", "intent", "reasoner", "decision", "responder"]
 
@@ -41,15 +42,27 @@ class ScoredLabel(_Wire):
     p: float
 
 
+class IntentRequest(_Wire):
+    message: str
+    pending: str | None = Field(default=None, description="the pending question's variable, or None")
+
+
+class AnswerReading(_Wire):
+    state: str | None = Field(description="the state the message answers; None if it doesn't clearly answer")
+    scores: dict[str, float] = Field(description="per state of the pending question's variable")
+
+
 class IntentResult(_Wire):
     top: list[ScoredLabel]
     probs: list[float] = Field(description="calibrated probability of every label, in `labels` order")
     labels: list[str]
     class_prior: list[float]
-    control: ControlIntentName | None = None
-    control_score: float = 0.0
     out_of_scope: bool = False
     model_version: str
+    acts: dict[str, float] = Field(description="P(act) per ActName (multi-label, calibrated sigmoid)")
+    content: float = Field(description="P(the message carries domain content beyond the act)")
+    answer: AnswerReading | None = Field(default=None, description="only when the request's pending names a "
+                                         "pack question: the message read as an answer to it")
 
 
 class Passage(_Wire):
@@ -71,17 +84,24 @@ class SoftEvidenceItem(_Wire):
     variable: str
     likelihood: dict[str, float]
     label: str
+    turn: int = Field(default=0, description="the turn whose message gave it (a correction retracts by turn)")
 
 
 class SessionEvidence(_Wire):
+    """The evidence of one case: what the customer said about one goal, turn by turn."""
+
     soft: list[SoftEvidenceItem] = Field(default_factory=list)
     hard: dict[str, str] = Field(default_factory=dict)
+    hard_turn: dict[str, int] = Field(default_factory=dict, description="turn of each hard answer")
     asked: list[str] = Field(default_factory=list)
+    unsure: list[str] = Field(default_factory=list, description="questions answered 'not sure' (no evidence)")
+    options: list[str] = Field(default_factory=list, description="goal states offered by the disambiguation question")
 
 
 class DecisionRequest(_Wire):
     evidence: SessionEvidence
     turn: int
+    unavailable: list[str] = Field(default_factory=list, description="actions already done in this session")
 
 
 class InfluenceOut(_Wire):
@@ -96,6 +116,7 @@ class DecisionResult(_Wire):
     kind: ActionKind
     target: str | None = None
     question: str | None = None
+    options: list[str] = Field(default_factory=list, description="goal states a disambiguation question offers")
     expected_utility: dict[str, float]
     value_of_information: dict[str, float]
     posterior: dict[str, dict[str, float]]
@@ -157,6 +178,13 @@ class SessionState(_Wire):
     evidence: SessionEvidence = Field(default_factory=SessionEvidence)
     pending_question: str | None = None
     last_action: str | None = None
+    last_kind: str | None = None
+    last_target: str | None = None
+    goal_belief: dict[str, float] = Field(
+        default_factory=dict, description="top of the goal posterior after the last decision (the case's topic)")
+    previous: SessionEvidence | None = Field(default=None, description="the last closed case, for corrections")
+    done_actions: list[str] = Field(default_factory=list, description="actions taken; never repeated")
+    deferred: list[str] = Field(default_factory=list, description="goals asked about in passing, offered later")
 
 
 # --- response -------------------------------------------------------------------------------

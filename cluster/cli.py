@@ -73,6 +73,12 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test_dialogues(args: argparse.Namespace) -> int:
+    from cluster.jobs.test_dialogues import main as run_dialogue_tests
+
+    return run_dialogue_tests(args.rest, prog="coact test-dialogues")
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_env()
     parser = argparse.ArgumentParser(prog="coact", description=__doc__)
@@ -98,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="print each stage's milliseconds")
     p.set_defaults(func=_chat)
 
-    args = parser.parse_args(argv)
+    # Its options belong to the job (cluster/jobs/test_dialogues.py): everything after the name goes there.
+    p = sub.add_parser("test-dialogues", add_help=False, help="run the multi-turn test dialogues against a running app")
+    p.set_defaults(func=_test_dialogues)
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "test-dialogues":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return args.func(args)
 
 

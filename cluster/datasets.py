@@ -8,7 +8,9 @@ Where the data comes from, first match wins:
 3. A cache folder (``COACT_CACHE_DIR``, default ``~/.cache/coact/data``) into which the public
    originals are downloaded, at pinned commits and checked against their SHA-256, on first use.
 
-The data is never copied into the repository. Loaders return plain lists of ``(text, label)`` tuples.
+The data is never copied into the repository. Loaders return plain lists of ``(text, label)`` tuples, except
+``load_sgd_user_turns`` (the Schema-Guided-Dialogue sample's user turns, with their dialogue acts and those of
+the system turn before them: ``SgdUserTurn``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ REMOTE_FILES: dict[str, RemoteFile] = {
                    "b947b579d3b8e74b06f93b01083d8efaff2888b43a3e362533bd88a6e1211b3a"),
     )
 }
+
+# Schema-Guided Dialogue (DSTC8): multi-turn dialogues with the user's and the system's dialogue acts. Only
+# the shard with the banking (Banks_1) dialogues is used; it trains and evaluates the conversation-act
+# classifier. Kept apart from REMOTE_FILES (the intent data) so that the intent build's inputs stay the same.
+SGD_REPO = "google-research-datasets/dstc8-schema-guided-dialogue"
+SGD_COMMIT = "e852981ae34990f4358979625854259302feaa78"
+SGD_SAMPLE = "sgd_dialogue_sample/train/dialogues_097.json"
+SGD_FILES: dict[str, RemoteFile] = {
+    SGD_SAMPLE: RemoteFile(SGD_SAMPLE, _raw(SGD_REPO, SGD_COMMIT, "train/dialogues_097.json"),
+                           "ac32e0ccd38e439655ef8a6fc5436e5d14c5dbcf44faeb1fac48b17e3a7bad34"),
+}
+# System acts after which the user's turn answers something: a question (REQUEST), a confirmation (CONFIRM) or
+# an offer (OFFER, OFFER_INTENT). REQ_MORE ("anything else?") is not one: it closes a task, as a finished case does.
+SGD_PENDING_SYSTEM_ACTS: frozenset[str] = frozenset({"REQUEST", "CONFIRM", "OFFER", "OFFER_INTENT"})
 
 BANKING77_SPLITS = ("train", "test")
 CLINC150_SPLITS = ("train", "val", "test", "oos_train", "oos_val", "oos_test")
@@ -152,7 +168,7 @@ def data_file(relpath: str) -> Path:
             f"data file {path} not found ({where} {folder} does not hold {relpath}). "
             "Unset COACT_DATA_DIR to use ../shared/data or the download cache."
         )
-    remote = REMOTE_FILES.get(relpath)
+    remote = REMOTE_FILES.get(relpath) or SGD_FILES.get(relpath)
     if remote is None:
         raise DataUnavailableError(f"data file {path} not found and no public source is known for {relpath}")
     return download(remote, path)
@@ -228,6 +244,53 @@ def clinc_out_of_domain(
     dropped = set(exclude_intents)
     keep = {i for d, intents in domains.items() if d not in excluded_domains for i in intents} - dropped
     return [(t, y) for t, y in load_clinc150(split) if y in keep]
+
+
+# ---------------------------------------------------------------- Schema-Guided Dialogue
+
+
+@dataclass(frozen=True)
+class SgdUserTurn:
+    """One user turn of an SGD dialogue, with the acts of the system turn it answers."""
+
+    dialogue_id: str
+    turn: int  # index of the turn in its dialogue (user turns are the even ones)
+    utterance: str
+    acts: tuple[str, ...]  # the user's dialogue acts (sorted, over all frames): INFORM, AFFIRM, NEGATE, ...
+    system_acts: tuple[str, ...]  # the previous system turn's acts; () for the dialogue's first turn
+    services: tuple[str, ...]
+
+    @property
+    def pending(self) -> bool:
+        """The system had just asked, offered or asked to confirm something (``SGD_PENDING_SYSTEM_ACTS``)."""
+        return bool(SGD_PENDING_SYSTEM_ACTS & set(self.system_acts))
+
+
+def _turn_acts(turn: dict) -> tuple[str, ...]:
+    return tuple(sorted({a["act"] for frame in turn.get("frames", []) for a in frame.get("actions", [])}))
+
+
+@lru_cache(maxsize=4)
+def _read_sgd(key: tuple[str, int, int]) -> tuple[SgdUserTurn, ...]:
+    data = _read_json(key)
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "turns" in d for d in data):
+        raise ValueError(f"{key[0]}: expected a JSON list of SGD dialogues (objects with 'dialogue_id' and 'turns')")
+    out = []
+    for dialogue in data:
+        system: tuple[str, ...] = ()
+        for i, turn in enumerate(dialogue["turns"]):
+            if turn["speaker"] == "SYSTEM":
+                system = _turn_acts(turn)
+                continue
+            out.append(SgdUserTurn(dialogue_id=str(dialogue["dialogue_id"]), turn=i, utterance=str(turn["utterance"]),
+                                   acts=_turn_acts(turn), system_acts=system,
+                                   services=tuple(dialogue.get("services", ()))))
+    return tuple(out)
+
+
+def load_sgd_user_turns(relpath: str = SGD_SAMPLE) -> list[SgdUserTurn]:
+    """The user turns of an SGD dialogue shard (default: the Banks_1 sample), in dialogue order."""
+    return list(_read_sgd(_file_key(data_file(relpath))))
 
 
 def fingerprint(relpaths: Iterable[str] = tuple(REMOTE_FILES)) -> dict[str, dict]:

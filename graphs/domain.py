@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.schemas import ActName
 from graphs.bayesnet import BayesNet
 from graphs.policy import ActionSpec, QuestionSpec
 
@@ -34,12 +35,42 @@ class Intent(_Strict):
     group: str
     title: str = Field(description="short human name, used in replies and traces")
     faq: str = Field(min_length=10, description="the FAQ answer: the knowledge passage for this intent")
+    urgent: bool = Field(default=False, description="handled first when a message asks for two things")
+    related_groups: list[str] = Field(default_factory=list,
+                                      description="other groups a follow-up question often moves to")
 
 
-class ControlIntent(_Strict):
-    examples: list[str] = Field(min_length=3)
-    lexicon: list[str] = Field(default_factory=list, description="exact (normalised) messages that are this intent")
+class ActExample(_Strict):
+    """A training message for the act classifier (``coact prepare``'s ``acts`` part), with what else it does."""
+
+    text: str = Field(min_length=1)
+    also: list[ActName] = Field(default_factory=list, description="other acts the message performs too")
+    content: bool | None = Field(default=None, description="carries domain content beyond the act; None: "
+                                 "either reading is fine (not trained on)")
+    pending: bool | None = Field(default=None, description="only read with (True) or without (False) a pending "
+                                 "question; None: trained both ways")
+
+
+class Act(_Strict):
+    """A conversation act (affirm, deny, thanks…): examples the act classifier learns from, and its reply."""
+
+    examples: list[str | ActExample] = Field(min_length=10, description="the act alone (no domain content)")
+    with_content: list[str | ActExample] = Field(default_factory=list,
+                                                 description="the act plus domain content (\"yes, please freeze it\")")
     reply: str | None = None
+
+    def items(self) -> list[ActExample]:
+        """Every example as an ActExample: ``examples`` default to no content, ``with_content`` to content."""
+        out = []
+        for entries, content in ((self.examples, False), (self.with_content, True)):
+            for e in entries:
+                if isinstance(e, str):
+                    out.append(ActExample(text=e, content=content))
+                elif e.content is None and "content" not in e.model_fields_set:
+                    out.append(e.model_copy(update={"content": content}))
+                else:
+                    out.append(e)
+        return out
 
 
 class Finding(_Strict):
@@ -75,25 +106,80 @@ class Variable(_Strict):
 class Question(_Strict):
     variable: str
     text: str
-    answers: dict[str, str] = Field(description="control intent (affirm/deny) -> state of the variable")
+    answers: dict[str, str] = Field(description="act (affirm/deny) -> state of the variable")
+    answer_examples: dict[str, list[str]] = Field(
+        default_factory=dict, description="state -> answers in words (\"it was declined\"), read by the IntentActor")
 
 
 class UtilityTerm(_Strict):
     on: str
     values: dict[str, str | float] = Field(default_factory=dict)
     match: str | float | None = Field(default=None, description="answer actions: utility when the goal is the answered intent")
+    related: str | float | None = Field(
+        default=None, description="answer actions: utility when the goal is another intent of the answered one's group")
     otherwise: str | float = 0.0
 
 
 class ActionTemplate(_Strict):
     kind: Literal["answer", "action", "escalate", "decline"]
     reply: str | None = Field(default=None, description="template reply; answer actions use the intent's FAQ")
+    done_reply: str | None = Field(default=None, description="reply when the customer confirms it after it was done")
     utility: list[UtilityTerm]
+
+
+class MoodCost(_Strict):
+    """A question costs more when the customer is in a given state (an upset customer's time is dearer)."""
+
+    variable: str
+    state: str
+    weight: str | float = Field(description="extra cost at P(state) = 1, added in proportion to P(state)")
+    exempt: list[str] = Field(default_factory=list, description="questions that cost no more (offering a person)")
 
 
 class Utilities(_Strict):
     weights: dict[str, float]
     max_questions: int = 2
+    mood_cost: MoodCost | None = None
+
+
+class Context(_Strict):
+    """How a case's topic carries over to the next message (a small transition model over the goal)."""
+
+    stay_same: float = Field(default=0.45, ge=0, le=1, description="after a closed case: P(next goal = same goal)")
+    stay_group: float = Field(default=0.25, ge=0, le=1, description="after a closed case: P(another goal of its group)")
+    same_case: float = Field(default=0.5, gt=0, lt=1, description="open case: prior that a new message continues it")
+    correction_likelihood: float = Field(default=0.1, gt=0, le=1,
+                                         description="likelihood kept by a goal the customer corrected away from")
+
+    @model_validator(mode="after")
+    def _check_mass(self) -> Context:
+        if self.stay_same + self.stay_group > 1:
+            raise ValueError("stay_same + stay_group must be at most 1")
+        return self
+
+
+class Disambiguation(_Strict):
+    """A question over the goal's top candidates, valued by VOI like the pack's own questions."""
+
+    text: str = Field(description="{options}: the candidates' titles, joined")
+    max_options: int = Field(default=3, ge=2)
+    min_share: float = Field(default=0.08, gt=0, lt=1, description="a candidate's least posterior to be offered")
+    noise: float = Field(default=0.05, gt=0, lt=0.5, description="P(the customer picks an option that is not their goal)")
+    something_else: str = "something else"
+
+
+class Dialogue(_Strict):
+    finding_weight: float = Field(
+        default=0.5, ge=0, le=1,
+        description="exponent of a finding's likelihood when it depends on the goal the intent model already reads")
+    context: Context = Field(default_factory=Context)
+    human_request: str | None = Field(
+        default=None, description="observed variable set to 'yes' when the act classifier reads a request for a person")
+    disambiguation: Disambiguation
+    resume: str = Field(description="re-asks a pending question after chit-chat; {question}")
+    deferred: str = Field(description="offers a goal kept from an earlier message; {title}, {faq}")
+    unsure: str = Field(description="acknowledges a 'not sure' answer before moving on")
+    not_understood: str = Field(description="said before re-asking a pending question the message did not answer")
 
 
 class PromptExample(_Strict):
@@ -117,12 +203,13 @@ class DomainPack(_Strict):
     out_of_scope_reply: str
     fallback_reply: str
     intents: list[Intent] = Field(min_length=2)
-    control_intents: dict[Literal["affirm", "deny", "greeting", "thanks", "goodbye"], ControlIntent]
+    acts: dict[ActName, Act] = Field(description="every conversation act, with its examples and reply")
     findings: list[Finding]
     variables: list[Variable]
     questions: list[Question]
     actions: dict[str, ActionTemplate]
     utilities: Utilities
+    dialogue: Dialogue
     prompts: Prompts
 
     @model_validator(mode="after")
@@ -130,6 +217,11 @@ class DomainPack(_Strict):
         names = [i.name for i in self.intents]
         if len(set(names)) != len(names):
             raise ValueError("intents: duplicate intent names")
+        groups = {i.group for i in self.intents}
+        for i in self.intents:
+            unknown_groups = set(i.related_groups) - groups
+            if unknown_groups:
+                raise ValueError(f"intents.{i.name}.related_groups: unknown groups {sorted(unknown_groups)}")
         variables = {v.name: v for v in self.variables}
         if self.intent_variable not in variables:
             raise ValueError(f"intent_variable: {self.intent_variable!r} is not a variable")
@@ -143,16 +235,38 @@ class DomainPack(_Strict):
             for p in v.parents:
                 if p not in variables:
                     raise ValueError(f"variables.{v.name}.parents: unknown variable {p!r}")
+        missing_acts = [a for a in get_args(ActName) if a not in self.acts]
+        if missing_acts:
+            raise ValueError(f"acts: missing {missing_acts} (every act needs examples)")
         for q in self.questions:
             if q.variable not in variables:
                 raise ValueError(f"questions.{q.variable}: no network variable of that name")
+            own = self.states_of(variables[q.variable])
+            for state, examples in q.answer_examples.items():
+                if state not in own:
+                    raise ValueError(f"questions.{q.variable}.answer_examples: {state!r} is not a state of "
+                                     f"{q.variable} (states: {own})")
+                if not examples:
+                    raise ValueError(f"questions.{q.variable}.answer_examples.{state}: no examples")
         for key, action in self.actions.items():
             for term in action.utility:
                 if term.on not in variables:
                     raise ValueError(f"actions.{key}.utility: unknown variable {term.on!r}")
-                for ref in [*term.values.values(), term.match, term.otherwise]:
+                for ref in [*term.values.values(), term.match, term.related, term.otherwise]:
                     if isinstance(ref, str) and ref not in self.utilities.weights:
                         raise ValueError(f"actions.{key}.utility: unknown weight {ref!r}")
+        mood = self.utilities.mood_cost
+        if mood is not None:
+            mv = variables.get(mood.variable)
+            if mv is None or mood.state not in self.states_of(mv):
+                raise ValueError(f"utilities.mood_cost: {mood.variable}={mood.state} is not a variable's state")
+            if isinstance(mood.weight, str) and mood.weight not in self.utilities.weights:
+                raise ValueError(f"utilities.mood_cost.weight: unknown weight {mood.weight!r}")
+        if self.dialogue.human_request is not None:
+            hr = variables.get(self.dialogue.human_request)
+            if hr is None or "yes" not in self.states_of(hr):
+                raise ValueError(f"dialogue.human_request: {self.dialogue.human_request!r} is not a variable "
+                                 "with a 'yes' state")
         if sum(a.kind == "answer" for a in self.actions.values()) != 1:
             raise ValueError("actions: exactly one action template of kind 'answer' is required")
         return self
@@ -292,6 +406,10 @@ def _weight(ref: str | float | None, weights: dict[str, float]) -> float:
 def build_actions(pack: DomainPack, weights: dict[str, float]) -> list[ActionSpec]:
     """Expand action templates into utility tables; the answer template gives one action per intent."""
     states = {v.name: pack.states_of(v) for v in pack.variables}
+    group_of = {i.name: i.group for i in pack.intents}
+    members: dict[str, list[str]] = {}
+    for i in pack.intents:
+        members.setdefault(i.group, []).append(i.name)
     specs: list[ActionSpec] = []
     for key, template in pack.actions.items():
         targets = [i.name for i in pack.intents] if template.kind == "answer" else [None]
@@ -306,6 +424,11 @@ def build_actions(pack: DomainPack, weights: dict[str, float]) -> list[ActionSpe
                     if state not in states[term.on]:
                         raise ValueError(f"actions.{key}.utility.values: unknown state {state!r} of {term.on}")
                     vec[states[term.on].index(state)] = _weight(ref, weights)
+                if term.related is not None and target is not None:
+                    # A sibling's FAQ often helps (same group): worth more than a wrong answer, less than the right one.
+                    for sibling in members.get(group_of.get(target, ""), []):
+                        if sibling != target and sibling in states[term.on]:
+                            vec[states[term.on].index(sibling)] = _weight(term.related, weights)
                 if term.match is not None and target is not None:
                     vec[states[term.on].index(target)] = _weight(term.match, weights)
                 table = table + vec.reshape([-1 if a == axis else 1 for a in range(len(on))])

@@ -19,6 +19,7 @@ from actors.schemas import (
     DecisionRequest,
     DecisionResult,
     HistoryTurn,
+    IntentRequest,
     IntentResult,
     ReasonerResult,
     ResponderRequest,
@@ -27,7 +28,15 @@ from actors.schemas import (
     StageTrace,
     Trace,
 )
-from graphs.dialogue import TurnPlan, chitchat_reply, close_or_continue, plan_turn, reply_template
+from graphs.dialogue import (
+    TERMINAL_KINDS,
+    TurnPlan,
+    close_or_continue,
+    deferred_text,
+    plan_turn,
+    reply_template,
+    split_requests,
+)
 from graphs.domain import DomainPack
 
 HISTORY_TURNS = 6  # what the responder sees; the session keeps more
@@ -40,7 +49,7 @@ class UnknownSession(KeyError):
 
 @dataclass
 class Stages:
-    intent: Callable[[str], Awaitable[IntentResult]]
+    intent: Callable[[IntentRequest], Awaitable[IntentResult]]
     reason: Callable[[str], Awaitable[ReasonerResult]]
     decide: Callable[[DecisionRequest], Awaitable[DecisionResult]]
     respond: Callable[[ResponderRequest], Awaitable[ResponderResult]]
@@ -71,7 +80,8 @@ class PreparedTurn:
     action: ActionOut
     trace: list[StageTrace]
     t_start: float
-    responder_request: ResponderRequest | None = None  # None: a control intent answered by template
+    pack: DomainPack | None = None
+    responder_request: ResponderRequest | None = None  # None: answered by template (acts, acknowledgements)
     template_reply: str = ""
 
 
@@ -95,32 +105,51 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     trace.append(StageTrace(stage="session", ms=round(ms, 2), output={"turns": session.turns,
                                                                       "pending_question": session.pending_question}))
 
-    # Intent and Reasoner need only the message: run them concurrently.
-    (intent, intent_ms), (reasoner, reason_ms) = await asyncio.gather(
-        _timed(stages.intent(request.message)), _timed(stages.reason(request.message))
+    # Intent and Reasoner need only the message (and the pending question): run them concurrently.
+    # A message that may ask two things also has its parts classified, in the same batch.
+    parts = split_requests(request.message)
+    pending = session.pending_question
+    (intent, intent_ms), (reasoner, reason_ms), *part_results = await asyncio.gather(
+        _timed(stages.intent(IntentRequest(message=request.message, pending=pending))),
+        _timed(stages.reason(request.message)),
+        *(stages.intent(IntentRequest(message=p)) for p in parts),
     )
     assert isinstance(intent, IntentResult) and isinstance(reasoner, ReasonerResult)
     trace.append(StageTrace(stage="intent", ms=round(intent_ms, 2),
-                            output=intent.model_dump(exclude={"probs", "labels", "class_prior"})))
+                            output=intent.model_dump(exclude={"probs", "labels", "class_prior"})
+                            | ({"parts": {p: r.top[0].model_dump() for p, r in zip(parts, part_results, strict=True)}}
+                               if parts else {})))
     trace.append(StageTrace(stage="reasoner", ms=round(reason_ms, 2), output=reasoner.model_dump()))
 
-    plan = plan_turn(session, intent, reasoner, pack)
-    if plan.chitchat is not None:
-        trace.append(StageTrace(stage="decision", ms=0.0, output={"skipped": f"control intent {plan.chitchat}"}))
-        return PreparedTurn(request=request, session=session, plan=plan, intent=intent, reasoner=reasoner,
-                            decision=None, action=ActionOut(kind="chitchat", name=plan.chitchat), trace=trace,
-                            t_start=t_start, template_reply=chitchat_reply(pack, plan.chitchat))
+    plan = plan_turn(session, request.message, intent, reasoner, pack, part_results)
+    if plan.reply is not None:
+        trace.append(StageTrace(stage="decision", ms=0.0, output={"skipped": plan.reply_name} | plan.trace()))
+        return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
+                            decision=None, action=ActionOut(kind="chitchat", name=plan.reply_name), trace=trace,
+                            t_start=t_start, template_reply=plan.reply)
 
     decision, dec_ms = await _timed(stages.decide(DecisionRequest(evidence=plan.evidence, turn=session.turns + 1)))
     assert isinstance(decision, DecisionResult)
-    out = decision.model_dump()
-    if plan.answered:
-        out["answered"] = plan.answered
-    trace.append(StageTrace(stage="decision", ms=round(dec_ms, 2), output=out))
+    trace.append(StageTrace(stage="decision", ms=round(dec_ms, 2), output=decision.model_dump() | plan.trace()))
+    done = pack.actions.get(decision.action)
+    if decision.action in session.done_actions and done is not None and done.done_reply:
+        # A terminal action is not repeated: the customer hears that it is done.
+        return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
+                            decision=decision, action=ActionOut(kind="chitchat", name=f"done:{decision.action}"),
+                            trace=trace, t_start=t_start, template_reply=done.done_reply)
     template, forbidden = reply_template(pack, decision)
+    if plan.prefix:
+        template = f"{plan.prefix} {template}"
+    if decision.kind in TERMINAL_KINDS:
+        later = [g for g in [*session.deferred, *plan.deferred] if g != decision.target]
+        if later:
+            template = f"{template} {deferred_text(pack, later[0])}"
+            forbidden = [f for f in forbidden if f != pack.intent(later[0]).faq]
+            plan.deferred = [g for g in plan.deferred if g != later[0]]
+            session.deferred = [g for g in session.deferred if g != later[0]]
     req = ResponderRequest(message=request.message, decision=decision, template=template, forbidden=forbidden,
                            history=session.history[-HISTORY_TURNS:])
-    return PreparedTurn(request=request, session=session, plan=plan, intent=intent, reasoner=reasoner,
+    return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
                         decision=decision, action=ActionOut(kind=decision.kind, name=decision.action,
                                                             target=decision.target),
                         trace=trace, t_start=t_start, responder_request=req, template_reply=template)
@@ -155,7 +184,8 @@ async def finish_turn(stages: Stages, turn: PreparedTurn, responder: ResponderRe
         trace.append(StageTrace(stage="responder", ms=round(responder_ms, 2), output=responder.model_dump()))
 
     session = turn.session
-    close_or_continue(session, turn.plan.evidence, turn.decision)
+    assert turn.pack is not None
+    close_or_continue(session, turn.plan, turn.decision, turn.pack)
     session.turns += 1
     session.updated_at = time.time()
     session.history = [*session.history, HistoryTurn(role="user", text=turn.request.message),

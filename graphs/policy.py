@@ -38,6 +38,20 @@ class QuestionSpec:
 
 
 @dataclass(frozen=True)
+class VirtualQuestion:
+    """A question whose answer is not a network node: P(answer | variable) as an (answers, states) matrix.
+
+    A disambiguation question ("do you mean A, B, or something else?") is one: its answer is a noisy
+    reading of the goal. Its VOI is exact over the matrix, so it competes with the network's own questions.
+    """
+
+    name: str  # the option is scored as "ask:<name>"
+    variable: str
+    answers: tuple[str, ...]
+    likelihood: np.ndarray  # shape (len(answers), len(states[variable])); every column sums to 1
+
+
+@dataclass(frozen=True)
 class Influence:
     """One piece of evidence and how much it moved the decision."""
 
@@ -147,6 +161,28 @@ def _voi(
     return voi if voi > _VOI_RTOL * scale else 0.0
 
 
+def _voi_virtual(
+    net: BayesNet,
+    tables: _UtilityTables,
+    question: VirtualQuestion,
+    hard: Mapping[str, str] | None,
+    soft: Sequence[SoftEvidence] | None,
+) -> float:
+    """Σ_a max_act Σ_u P(u | e) P(a | u) U_act(u) - max_act EU(act): the same EVSI over a likelihood matrix."""
+    variables = list(dict.fromkeys([question.variable, *tables.variables]))
+    joint = net.query(variables, hard, soft)
+    axis = variables.index(question.variable)
+    shape = [1] * joint.ndim
+    shape[axis] = -1
+    per_answer = np.stack([_action_values(joint * row.reshape(shape), variables, tables)
+                           for row in question.likelihood])
+    informed = float(per_answer.max(axis=1).sum())
+    uninformed = float(per_answer.sum(axis=0).max())
+    voi = informed - uninformed
+    scale = float(np.abs(per_answer).sum()) + 1.0
+    return voi if voi > _VOI_RTOL * scale else 0.0
+
+
 def expected_utilities(
     net: BayesNet,
     actions: Sequence[ActionSpec],
@@ -182,14 +218,21 @@ def _option_values(
     asks: Sequence[str],
     hard: Mapping[str, str],
     soft: Sequence[SoftEvidence],
-    question_cost: float,
+    question_cost: float | Mapping[str, float],
+    virtual: Sequence[VirtualQuestion] = (),
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """EU of every action followed by every ask (in order), and the VOI per asked variable."""
+    """EU of every action followed by every ask (in order, virtual questions last), and the VOI per ask."""
     eu = _expected_utilities(net, tables, hard, soft)
     best = float(eu.max())
     voi = {q: _voi(net, tables, q, hard, soft) for q in asks}
-    ask_values = np.array([best + voi[q] - question_cost for q in asks], dtype=float)
+    voi.update({v.name: _voi_virtual(net, tables, v, hard, soft) for v in virtual})
+    ask_values = np.array([best + voi[q] - _cost(question_cost, q) for q in [*asks, *(v.name for v in virtual)]],
+                          dtype=float)
     return np.concatenate([eu, ask_values]), voi
+
+
+def _cost(question_cost: float | Mapping[str, float], question: str) -> float:
+    return float(question_cost) if isinstance(question_cost, (int, float)) else float(question_cost[question])
 
 
 def _margin(values: np.ndarray, chosen: int) -> float:
@@ -217,15 +260,17 @@ def decide(
     questions: Sequence[QuestionSpec],
     hard: Mapping[str, str] | None = None,
     soft: Sequence[SoftEvidence] | None = None,
-    question_cost: float = 1.0,
+    question_cost: float | Mapping[str, float] = 1.0,
     askable: Sequence[str] = (),
     posterior_vars: Sequence[str] = (),
     explain: bool = True,
+    virtual: Sequence[VirtualQuestion] = (),
 ) -> PolicyResult:
     """Pick the option with the highest expected utility among the actions and the askable questions.
 
-    Ties go to the earliest option: actions before asks, each in the order given. A question is askable
-    only if it is in `askable`, among `questions` and not already answered (in `hard`).
+    Ties go to the earliest option: actions before asks, each in the order given, virtual questions last.
+    `question_cost` is one cost for every question, or a cost per question name.
+    A question is askable only if it is in `askable`, among `questions` and not already answered (in `hard`).
     """
     if not actions:
         raise ValueError("decide: no actions")
@@ -238,15 +283,21 @@ def decide(
             raise ValueError(f"decide: askable {q!r} is not one of the questions {sorted(known_questions)}")
     asks = [q for q in dict.fromkeys(askable) if q not in hard]
 
-    values, voi = _option_values(net, tables, asks, hard, soft, question_cost)
-    names = [a.name for a in actions] + [f"ask:{q}" for q in asks]
+    for v in virtual:
+        if v.likelihood.shape != (len(v.answers), len(net.states[v.variable])):
+            raise ValueError(f"decide: virtual question {v.name!r} has likelihood shape {v.likelihood.shape}")
+        if v.name in asks:
+            raise ValueError(f"decide: virtual question {v.name!r} shadows a network question")
+    values, voi = _option_values(net, tables, asks, hard, soft, question_cost, virtual)
+    ask_names = [*asks, *(v.name for v in virtual)]
+    names = [a.name for a in actions] + [f"ask:{q}" for q in ask_names]
     chosen = int(np.argmax(values))  # first maximum: the documented tie-break
 
     explanation: list[Influence] = []
     if explain:
         margin_with = _margin(values, chosen)
         for label, variable, hard_wo, soft_wo in _evidence_items(hard, soft):
-            without, _ = _option_values(net, tables, asks, hard_wo, soft_wo, question_cost)
+            without, _ = _option_values(net, tables, asks, hard_wo, soft_wo, question_cost, virtual)
             explanation.append(
                 Influence(
                     label=label,
@@ -262,7 +313,7 @@ def decide(
         action = actions[chosen]
         kind, target = action.kind, action.target
     else:
-        kind, target = "ask", asks[chosen - len(actions)]
+        kind, target = "ask", ask_names[chosen - len(actions)]
 
     marginals = net.marginals(list(posterior_vars), hard, soft) if posterior_vars else {}
     posterior = {

@@ -222,3 +222,30 @@ def test_banking_answers_when_nobody_else_did(banking) -> None:
     r = _banking_decide(banking, {"q_someone_else": "no"})
     assert r.chosen == "answer:card_payment_not_recognised", sorted(r.expected_utility.items(), key=lambda kv: -kv[1])[:5]
     assert (r.kind, r.target) == ("answer", "card_payment_not_recognised")
+
+
+def test_virtual_question_voi_equals_enumerating_its_answers() -> None:
+    """The disambiguation question's VOI, computed in one pass, equals Σ_a P(a) max EU(· | a) - max EU."""
+    from graphs.dialogue import Policy, disambiguation_question
+    from graphs.domain import load_pack
+    from graphs.policy import expected_utilities
+
+    pack = load_pack("banking")
+    policy = Policy(pack)
+    states = policy.net.states[pack.intent_variable]
+    lam = np.full(len(states), 0.02)
+    for name, x in {"pending_top_up": 1.0, "top_up_failed": 0.9, "top_up_reverted": 0.7}.items():
+        lam[states.index(name)] = x
+    soft = [SoftEvidence(pack.intent_variable, lam, "intent")]
+    goal = policy.net.marginals([pack.intent_variable], {}, soft)[pack.intent_variable]
+    vq = disambiguation_question(pack, goal)
+    assert vq is not None and len(vq.answers) >= 3
+    result = decide(policy.net, policy.actions, policy.questions, {}, soft, virtual=[vq], explain=False)
+    base = max(expected_utilities(policy.net, policy.actions, {}, soft).values())
+    informed = 0.0
+    for row in vq.likelihood:
+        p_answer = float(goal @ row)
+        eu = expected_utilities(policy.net, policy.actions, {}, [*soft, SoftEvidence(pack.intent_variable, row, "a")])
+        informed += p_answer * max(eu.values())
+    assert result.value_of_information[vq.name] == pytest.approx(informed - base, abs=1e-9)
+    assert result.value_of_information[vq.name] > 0

@@ -99,7 +99,50 @@ def test_finding_heads(built: Path, encoder: M.TextEncoder) -> None:
     assert y[0, j] > 0.5
     assert y[1, j] < 0.5
     assert set(heads.predict_dict(encoder.embed(["hello"])[0])) == set(heads.names)
+    # The data's positive share stays a statistic; the prior the outputs assume is the weighted share.
     assert all(0 < r < 0.5 for r in heads.positive_rates)
+    meta = M.read_meta(M.findings_path(built))
+    assert meta["class_weight"] == "balanced"
+    assert set(meta["effective_prior"]) == set(meta["positive_rates"]) == set(heads.names)
+    np.testing.assert_allclose(heads.effective_prior, [meta["effective_prior"][n] for n in heads.names])
+    np.testing.assert_allclose(heads.effective_prior, 0.5, atol=1e-6)
+    np.testing.assert_array_equal(heads.prior, heads.effective_prior)
+
+
+def test_effective_prior_is_the_weighted_positive_share() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(1000) < 0.02).astype(int)
+    w = P.balanced_weights(y)
+    assert P.effective_prior(y, w) == pytest.approx(float(np.sum(w * y) / np.sum(w)))
+    assert P.effective_prior(y, w) == pytest.approx(0.5)
+    assert P.effective_prior(y, np.ones(len(y))) == pytest.approx(y.mean())
+    assert P.effective_prior(y, np.where(y == 1, 3.0, 1.0)) == pytest.approx(3 * y.sum() / (3 * y.sum() + (1 - y).sum()))
+
+
+def test_reasoner_sends_the_effective_prior(built: Path, encoder: M.TextEncoder) -> None:
+    from actors.nlu import reason
+
+    heads = M.FindingHeads(M.findings_path(built))
+    index = M.PassageIndex(M.passages_path(built))
+    out = reason(encoder.embed(["I lost my card", "hello"]), heads, index, top_k=2, device="cpu")
+    assert len(out) == 2 and all(len(r.passages) == 2 for r in out)
+    for r in out:
+        assert r.finding_prior == pytest.approx(dict(zip(heads.names, heads.effective_prior.tolist(), strict=True)))
+        assert r.finding_prior != pytest.approx(dict(zip(heads.names, heads.positive_rates.tolist(), strict=True)))
+    # A lost card is evidence for f_lost_stolen (odds above the prior's), a greeting against it.
+    j = "f_lost_stolen"
+    assert out[0].findings[j] > out[0].finding_prior[j] > out[1].findings[j]
+
+
+def test_finding_heads_built_before_the_effective_prior(built: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "findings"
+    shutil.copytree(M.findings_path(built), folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["effective_prior"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    np.testing.assert_allclose(M.FindingHeads(folder).effective_prior, 0.5)
 
 
 def test_passage_index(built: Path, encoder: M.TextEncoder) -> None:
@@ -139,7 +182,9 @@ def test_text_encoder_embeddings(encoder: M.TextEncoder) -> None:
 
 
 def test_missing_models_folder_is_a_clear_error(tmp_path: Path) -> None:
-    for cls in (M.IntentClassifier, M.FindingHeads, M.PassageIndex):
+    from actors.acts import ActClassifier
+
+    for cls in (M.IntentClassifier, M.FindingHeads, M.PassageIndex, ActClassifier):
         with pytest.raises(M.ModelsNotBuiltError, match="coact prepare"):
             cls(tmp_path / "nothing")
     with pytest.raises(M.ModelsNotBuiltError, match="coact prepare"):
@@ -195,3 +240,4 @@ def test_main_cli(built: Path, capsys: pytest.CaptureFixture) -> None:
     assert P.main(["--models-dir", str(built)]) == 0
     out = capsys.readouterr().out
     assert str(built) in out and "test accuracy" in out
+    assert "macro F1 over the acts" in out and "request_human" in out and "answers: held-out accuracy" in out

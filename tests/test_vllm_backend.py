@@ -64,14 +64,14 @@ def chat(url: str, message: str, session_id: str | None = None) -> dict:
 def _request(message: str = "Where is my new card?"):
     from ray import serve
 
-    from actors.schemas import DecisionRequest, ResponderRequest, SessionState
+    from actors.schemas import DecisionRequest, IntentRequest, ResponderRequest, SessionState
     from graphs.dialogue import plan_turn, reply_template
     from graphs.domain import load_pack
 
     pack = load_pack("banking")
-    intent = serve.get_deployment_handle("IntentActor", app_name=APP).remote(message).result()
+    intent = serve.get_deployment_handle("IntentActor", app_name=APP).remote(IntentRequest(message=message)).result()
     reasoner = serve.get_deployment_handle("ReasonerActor", app_name=APP).remote(message).result()
-    plan = plan_turn(SessionState(session_id="t"), intent, reasoner, pack)
+    plan = plan_turn(SessionState(session_id="t"), message, intent, reasoner, pack)
     decision = serve.get_deployment_handle("DecisionActor", app_name=APP).remote(
         DecisionRequest(evidence=plan.evidence, turn=1)).result()
     template, forbidden = reply_template(pack, decision)
