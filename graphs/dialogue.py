@@ -47,8 +47,12 @@ def acts_of(intent: IntentResult) -> set[str]:
     return {a for a, p in intent.acts.items() if p >= ACT_THRESHOLD}
 
 
-def has_content(intent: IntentResult) -> bool:
-    return intent.content >= CONTENT_THRESHOLD
+CONFIDENT_INTENT = 0.8  # an in-scope intent this sure is domain content, whatever the content head says
+
+
+def has_content(intent: IntentResult, oos_label: str = "out_of_scope") -> bool:
+    top = intent.top[0]
+    return intent.content >= CONTENT_THRESHOLD or (top.p >= CONFIDENT_INTENT and top.label != oos_label)
 
 
 # --- evidence ---------------------------------------------------------------------------------
@@ -239,12 +243,14 @@ def disambiguation_text(pack: DomainPack, options: list[str]) -> str:
 
 # --- reading answers --------------------------------------------------------------------------
 
+# An ordinal answers only as "the second (one)", "option 2", "number two" or a bare "second" / "b":
+# "why you need it in the first place" is not a choice.
 _ORDINALS = {
-    0: r"\b(first|1st|former|(number|option) (one|1))\b|^\s*(a|1)\W*$",
-    1: r"\b(second|2nd|(number|option) (two|2))\b|^\s*(b|2)\W*$",
-    2: r"\b(third|3rd|(number|option) (three|3))\b|^\s*(c|3)\W*$",
+    0: r"\b(first|1st) one\b|\bthe former\b|\b(number|option) (one|1)\b|^\W*(the )?(first|1st|a|1)\W*$",
+    1: r"\b(second|2nd) one\b|\b(number|option) (two|2)\b|^\W*(the )?(second|2nd|b|2)\W*$",
+    2: r"\b(third|3rd) one\b|\b(number|option) (three|3)\b|^\W*(the )?(third|3rd|c|3)\W*$",
 }
-_LAST = r"\b(last|latter)\b"
+_LAST = r"\b(last one|the latter)\b|^\W*(the )?last\W*$"
 _NONE = r"\b(neither|none|something else|nothing like that|other|not those|none of (them|those|these))\b"
 _STOP = {"a", "an", "the", "of", "on", "my", "your", "to", "for", "in", "by", "and", "or", "with", "card", "is"}
 
@@ -387,8 +393,9 @@ def plan_turn(session: SessionState, message: str, intent: IntentResult, reasone
               pack: DomainPack, parts: list[IntentResult] | None = None) -> TurnPlan:
     """Read the message in the context of the session: answer, act, correction, follow-up or new case."""
     turn = session.turns + 1
-    acts, content = acts_of(intent), has_content(intent)
-    if content and acts & {"greeting", "thanks", "goodbye"} and intent.top[0].label == pack.out_of_scope_label:
+    acts, content = acts_of(intent), has_content(intent, pack.out_of_scope_label)
+    if (content and acts & {"greeting", "thanks", "goodbye"} and intent.top[0].label == pack.out_of_scope_label
+            and intent.content < CONFIDENT_INTENT):
         content = False  # "hi, I need some help please": a social act, nothing the domain can act on
     case = session.evidence.model_copy(deep=True)
     pending = session.pending_question

@@ -30,8 +30,8 @@ def test_banking_pack_covers_banking77() -> None:
     [
         ("  - name: upset\n", "  - name: upset\n    bogus: 1\n", "variables.2.bogus"),
         ("question_cost: 1.0", "question_cost: cheap", "utilities.weights.question_cost"),
-        ("parents: [card_at_risk]\n    cpt:\n      default: [0.04, 0.96]",
-         "parents: [card_at_risk]\n    cpt:\n      default: [0.04, 0.9]", "variables.f_unauthorised.cpt.default"),
+        ("parents: [card_at_risk]\n    cpt:\n      default: [0.08, 0.92]",
+         "parents: [card_at_risk]\n    cpt:\n      default: [0.08, 0.9]", "variables.f_urgent.cpt.default"),
         ("{on: upset, values: {\"yes\": escalate_upset}", "{on: moon, values: {\"yes\": escalate_upset}",
          "unknown variable 'moon'"),
         ("intent_variable: goal", "intent_variable: target", "intent_variable"),

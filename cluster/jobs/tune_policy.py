@@ -1,19 +1,21 @@
 """Tune the decision policy's utility weights with Ray Tune on simulated conversations.
 
-Simulated users (``graphs.simulator``: hidden state forward-sampled from the domain's Bayesian network,
-a held-out BANKING77 / CLINC150 utterance of their goal, yes/no answers through the network's CPTs) talk
-to the policy; Ray Tune searches the utility weights and the question cost, ASHA stops bad trials early.
+Simulated users (``graphs.simulator``: hidden state forward-sampled from the domain's Bayesian network, held-out
+BANKING77 / CLINC150 utterances of their goal, answers through the network's CPTs, and a mix of user kinds: plain,
+unsure, follow-up, corrector, wants a person) talk to the served policy (``plan_turn`` -> ``Policy.decide`` ->
+``close_or_continue``); Ray Tune searches the utility weights and the question cost, ASHA stops bad trials early.
 
 Objective per trial (maximised), over the trial's dialogues so far::
 
-    objective = success - TURN_PENALTY * mean_turns - ESCALATION_PENALTY * escalation_rate
+    objective = success - TURN_PENALTY * mean_turns - ESCALATION_PENALTY * needless_escalation_rate
                 - TURN_EXCESS_PENALTY * max(0, mean turns - the defaults' mean turns)
                 - sum over k in (at_risk, out_of_scope) of SHORTFALL_PENALTY[k] * shortfall_k
     shortfall_k = max(0, -(k success diff)) + max(0, k regret diff) / (k oracle utility)
 
 with ``TURN_PENALTY = 0.1`` (an extra question in every conversation must buy at least 10 points of task
-success), ``ESCALATION_PENALTY = 0.5`` (a hand-over costs half a success on top of not being one:
-escalation is never the oracle's action under the default utilities, but it occupies a human agent) and
+success), ``ESCALATION_PENALTY = 0.5`` (a hand-over the oracle would not make costs half a success on top of not
+being one: it occupies a human agent; handing over a user who wants a person is the oracle's action and a
+success, so it is not charged) and
 ``SHORTFALL_PENALTY = {at_risk: 1.0, out_of_scope: 0.5}``. The diffs are the trial minus the default weights on
 the same users of that goal kind (the defaults' per-chunk run is made once in the driver and handed to every
 trial). Success counts every conversation alike and at-risk users are about 5% of them, so without the
@@ -29,11 +31,12 @@ Protocol, all seeded:
    random numbers), so trials differ only by their weights. The default weights are the first trial.
 3. Selection encodes the target: the tuned weights are those of the trial with the highest objective among
    the trials that ran all chunks *and*, on the tuning users (where the defaults are run in the driver on
-   exactly those users), reach a higher success than the default weights at equal or fewer mean turns *and*
-   serve the protected kinds no worse: at-risk and out-of-scope success no lower, and their regret no higher,
-   than the defaults' beyond ``TOLERANCE_SE = 0.5`` paired standard errors of the trial-minus-default
-   difference on that kind's users (half an SE never excuses a trial that only loses such users; see the
-   constant). When no trial qualifies, the defaults are kept (and reported as such, with the closest trial).
+   exactly those users), reach a higher success than the default weights (by more than ``MIN_GAIN_SE = 1``
+   paired standard error of the difference) at equal or fewer mean turns *and* serve the protected kinds no
+   worse: at-risk and out-of-scope success no lower, and their regret no higher, than the defaults' beyond
+   ``TOLERANCE_SE = 0.5`` paired standard errors of the trial-minus-default difference on that kind's users
+   (half an SE never excuses a trial that only loses such users; see the constant). When no trial
+   qualifies, the defaults are kept (and reported as such, with the closest trial).
 4. The tuned weights are evaluated against the pack's default weights and the oracle on
    ``--eval-dialogues`` *fresh* users (another seed stream) who type texts from the evaluation half only.
    Success, turns, escalations and regret are scored under the pack's default utilities (see
@@ -58,18 +61,14 @@ Per-trial metrics are deterministic; ASHA's stopping decisions depend on the ord
 trials report, so only ``--max-concurrent 1`` makes the whole tuning run (which trials stop) repeatable
 (checked: two such runs give identical results.csv and comparison.json).
 
-Seen on the banking pack (2 shared cores, heavily loaded). Random search over the whole box with ~160 at-risk
-tuning users found no trial that passed the bars: the gains on offer came from replacing hand-overs by
-answers, and a few at-risk cards were lost with them. What changed that: an at-risk stratum (600 extra
-at-risk users per trial, 1500 in the final comparison), an objective that charges turns above the
-defaults', and TPE started from the hand-set weights. ``python -m cluster.jobs.tune_policy --num-cpus 2``
-(the defaults: 48 trials x (2000 + 600) conversations, 18 min under load) selected trial 42 of 12 qualifying;
-on 3000 fresh users + 1500 at-risk ones (paired, tuned - default): success 0.9017 -> 0.9100 (+0.0083, se
-0.0022), turns 1.078 -> 1.070, escalations 3.4% -> 0.6%, at-risk success 0.748 -> 0.750 (n=1648),
-out-of-scope success 0.930 -> 0.954; target met. Regret under the hand-set utilities rises by 0.066
-(se 0.029): those utilities value a hand-over at +1 and a wrong answer at -4, and the tuned weights answer
-where the defaults handed over. The pack keeps the hand-set weights; ``best_weights.json`` is the
-DecisionActor's ``user_config`` for those who want task success.
+Seen on the banking pack (2 shared cores), with the simulator's user kinds and the corrected finding prior:
+``python -m cluster.jobs.tune_policy --num-cpus 2`` (the defaults: 48 trials x (2000 + 600) conversations,
+11 min of tuning, 12 min in all) selected trial 33 of 13 qualifying; on 3000 fresh users + 1500 at-risk
+ones (paired, tuned - default): success 0.879 -> 0.885 (+0.0060, se 0.0021), turns 1.432 -> 1.416,
+escalations 9.9% -> 8.5%, regret -0.044 (se 0.020), out-of-scope success +0.025, but at-risk success
+0.689 -> 0.678 (-0.0109, se 0.0027): target not met, the pack keeps the hand-set weights. A smaller run
+(24 trials x (1200 + 400)) selected a trial whose tuning-set gain was a tenth of an SE and lost 0.012 success
+held out, hence ``MIN_GAIN_SE``.
 """
 
 from __future__ import annotations
@@ -110,6 +109,10 @@ SHORTFALL_PENALTY = {"at_risk": 1.0, "out_of_scope": 0.5}
 # has |mean| / se >= sqrt(k) >= 1 (likewise for regret that only goes up); only a net loss inside the noise of a
 # trade (e.g. 5 lost, 4 gained of ~75 at-risk users: -1.3 points, se 4.0 points) is tolerated.
 TOLERANCE_SE = 0.5
+# The gain a trial must show over the defaults on the tuning users: its paired success difference must exceed
+# MIN_GAIN_SE paired standard errors. Seen: with 1200 tuning users a trial selected at +0.0008 success (about a
+# tenth of an SE) lost 0.012 (se 0.003) on held-out users; a gain inside the noise is noise fitted by the search.
+MIN_GAIN_SE = 1.0
 METRIC = "objective"
 TRIAL_CPUS = 0.5
 EPS = 1e-12
@@ -136,7 +139,8 @@ DEFAULTS = {"num_samples": 48, "dialogues": 2000, "chunks": 4, "eval_dialogues":
 # The at-risk stratum: extra users drawn from the network given card_at_risk = yes. In the natural mix they
 # are ~5% (about 100 of 2000), too few to certify that a change of weights loses none of their cards.
 STRATUM_KIND = "at_risk"
-SUMMARY_COLUMNS = ("success", "mean_turns", "escalation_rate", "regret", "question_rate", "timeout_rate")
+SUMMARY_COLUMNS = ("success", "mean_turns", "escalation_rate", "needless_escalation_rate", "regret", "question_rate",
+                   "timeout_rate")
 KIND_COLUMNS = ("n", "success", "mean_turns", "escalation_rate", "regret", "oracle_utility")
 DIFF_COLUMNS = ("success_diff", "success_diff_se", "regret_diff", "regret_diff_se")
 OVERALL_DIFF_COLUMNS = (*DIFF_COLUMNS, "turns_diff")
@@ -151,12 +155,13 @@ def finite(x: Any) -> bool:
 
 
 def objective(metrics: dict[str, float]) -> float:
-    """success - a * mean_turns - b * escalation_rate
+    """success - a * mean_turns - b * needless_escalation_rate (escalation_rate when absent)
     - sum_k c_k * (max(0, -<k>_success_diff) + max(0, <k>_regret_diff) / <k>_oracle_utility).
 
     ``<k>_success_diff`` / ``<k>_regret_diff``: this policy minus the defaults on the same users of kind ``k``
     (see :func:`trial_metrics`); without them (a plain summary) the objective is the unpenalised one."""
-    value = metrics["success"] - TURN_PENALTY * metrics["mean_turns"] - ESCALATION_PENALTY * metrics["escalation_rate"]
+    escalations = metrics.get("needless_escalation_rate", metrics["escalation_rate"])
+    value = metrics["success"] - TURN_PENALTY * metrics["mean_turns"] - ESCALATION_PENALTY * escalations
     extra_turns = metrics.get("turns_diff")
     if finite(extra_turns):
         value -= TURN_EXCESS_PENALTY * max(0.0, float(extra_turns))
@@ -202,7 +207,8 @@ class Runs:
                     SimulationResult.concat(strata) if strata else None)
 
     def report(self) -> dict[str, Any]:
-        return {**self.natural.summary(), "by_kind": self.pooled.by_kind()}
+        return {**self.natural.summary(), "by_kind": self.pooled.by_kind(),
+                "by_user_kind": self.natural.by_user_kind()}
 
 
 def trial_metrics(result: Any, reference: Any) -> dict[str, float]:
@@ -402,6 +408,10 @@ def rejection_reasons(row: dict[str, Any], reference: dict[str, float] | None,
         return reasons
     if not row["success"] > reference["success"] + EPS:
         reasons.append(f"success {row['success']:.4f} not above the defaults' {reference['success']:.4f}")
+    elif finite(row.get("success_diff")) and finite(row.get("success_diff_se")) and \
+            float(row["success_diff"]) <= MIN_GAIN_SE * float(row["success_diff_se"]) + EPS:
+        reasons.append(f"success gain {float(row['success_diff']):+.4f} within {MIN_GAIN_SE} paired SE "
+                       f"({float(row['success_diff_se']):.4f})")
     if row["mean_turns"] > reference["mean_turns"] + EPS:
         reasons.append(f"mean turns {row['mean_turns']:.4f} above the defaults' {reference['mean_turns']:.4f}")
     for kind in PROTECTED_KINDS:
@@ -511,6 +521,20 @@ def format_kinds(reports: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_user_kinds(reports: dict[str, dict[str, Any]]) -> str:
+    from graphs.simulator import USER_KINDS
+
+    lines = [f"{'user kind':13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
+    for kind in USER_KINDS:
+        for name, rep in reports.items():
+            s = rep.get("by_user_kind", {}).get(kind, {})
+            if s.get("n", 0) == 0:
+                continue
+            lines.append(f"{kind:13s} {name:9s} {s['n']:6d} {s['success']:8.4f} {s['mean_turns']:6.3f} "
+                         f"{s['escalation_rate']:7.4f} {s['regret']:7.3f}")
+    return "\n".join(lines)
+
+
 def describe(row: dict[str, Any]) -> str:
     return (f"objective {row[METRIC]:.4f}, success {row['success']:.4f}, turns {row['mean_turns']:.3f}, "
             f"regret {row['regret']:.3f}; " + ", ".join(
@@ -540,7 +564,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "or the job's cluster under `ray job submit`)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
     p.add_argument("--max-concurrent", type=int, default=0, help="concurrent trials (default 0: as CPUs allow)")
-    p.add_argument("--max-turns", type=int, default=6, help="user turns before a conversation is handed over")
+    p.add_argument("--max-turns", type=int, default=None,
+                   help="user turns before a conversation is handed over (default: graphs.simulator's)")
     p.add_argument("--domain", default="banking", help="domain pack name or YAML path")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="models folder (default: $COACT_MODELS_DIR or <repo>/models, built if missing)")
@@ -555,6 +580,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) < 0:
             p.error(f"--{key.replace('_', '-')} must not be negative")
     args.chunks = min(args.chunks, args.dialogues)
+    if args.max_turns is None:
+        from graphs.simulator import DEFAULT_MAX_TURNS
+
+        args.max_turns = DEFAULT_MAX_TURNS
     return args
 
 
@@ -681,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{TOLERANCE_SE} paired standard errors; otherwise the defaults",
         "tolerance_se": TOLERANCE_SE,
         "default_on_tuning_users": reference,
-        "objective": {"formula": "success - a * mean_turns - b * escalation_rate - d * max(0, turns diff) "
+        "objective": {"formula": "success - a * mean_turns - b * needless_escalation_rate - d * max(0, turns diff) "
                                  "- sum_k c_k * (max(0, -k success diff) + max(0, k regret diff) / k oracle "
                                  "utility), diffs paired with the defaults on the same users",
                       "a": TURN_PENALTY, "b": ESCALATION_PENALTY, "c": SHORTFALL_PENALTY,
@@ -709,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table({k: all_reports[k] for k in shown}))
     print()
     print(format_kinds({k: all_reports[k] for k in shown}))
+    print()
+    print(format_user_kinds({k: all_reports[k] for k in shown}))
     for name in shown[1:-1]:
         checks, diffs = held_out_checks(results["default"], results[name])
         print()
