@@ -446,7 +446,7 @@ def plan_turn(session: SessionState, message: str, intent: IntentResult, reasone
     elif plan.answered is None and content:
         _continue_or_open(pack, session, plan, intent, turn)
 
-    if content or plan.answered is None:
+    if content or (plan.answered is None and not correcting):  # "that's not what I meant" says nothing new
         _content_evidence(pack, plan, message, intent, reasoner, parts or [], turn)
     if "request_human" in acts and pack.dialogue.human_request:
         # Soft, at the act head's own odds: a clear request is near-certain evidence, a borderline one is weak.
@@ -473,9 +473,9 @@ def _content_evidence(pack: DomainPack, plan: TurnPlan, message: str, intent: In
         main = positive[0]
         for r in negated:
             top = r.top[0]
-            if top.p >= 0.5 and top.label != main.top[0].label and top.label != pack.out_of_scope_label:
-                plan.evidence.soft.append(_not_goal(pack, top.label, turn, said=True))
-                plan.notes.append(f"the customer said it is not {top.label}")
+            if top.label != pack.out_of_scope_label and top.label != main.top[0].label:
+                plan.evidence.soft.append(_not_these(pack, r, turn))
+                plan.notes.append(f"the customer said it is not {top.label} or the like")
     goals = distinct_requests(pack, positive)
     if len(goals) >= 2:
         main = next(r for r in positive if r.top[0].label == goals[0])
@@ -483,6 +483,16 @@ def _content_evidence(pack: DomainPack, plan: TurnPlan, message: str, intent: In
         plan.notes.append(f"two requests: {goals[0]} first, {', '.join(goals[1:])} kept for later")
     plan.evidence.soft.append(intent_evidence(main, pack, turn))
     plan.evidence.soft.extend(finding_evidence(reasoner, pack, turn))
+
+
+def _not_these(pack: DomainPack, negated: IntentResult, turn: int) -> SoftEvidenceItem:
+    """"…, not a top-up": evidence against the goals the negated words point to, in proportion to how much."""
+    q = intent_likelihood(negated, pack)  # max 1: the negated part's most likely goal
+    keep = pack.dialogue.context.correction_likelihood
+    lam = 1.0 - (1.0 - keep) * q
+    return SoftEvidenceItem(
+        variable=pack.intent_variable, likelihood={s: float(x) for s, x in zip(goal_states(pack), lam, strict=True)},
+        label=f"turn {turn}: the customer said it is not {negated.top[0].label} (or its like)", turn=turn)
 
 
 def _read_pending(pack: DomainPack, case: SessionEvidence, pending: str, message: str, intent: IntentResult,
@@ -511,7 +521,7 @@ def _unsure(case: SessionEvidence, pending: str) -> str:
 
 def _acknowledge(pack: DomainPack, session: SessionState, plan: TurnPlan, act: str) -> TurnPlan:
     action = pack.actions.get(session.last_action or "")
-    done = action.done_reply if action is not None else None
+    done = action.done_reply if action is not None and act != "thanks" else None  # "thanks" is just thanks
     plan.reply = done or _act_reply(pack, act)
     plan.reply_name = f"done:{session.last_action}" if done else act
     plan.notes.append(f"{act} after {session.last_action}: acknowledged, not repeated")

@@ -281,3 +281,28 @@ def test_session_table_ttl() -> None:
     assert table.get("a") is None and len(table) == 0
     table.put("b", {})
     assert table.delete("b") and not table.delete("b")
+
+
+def test_a_negated_part_is_evidence_against_its_goals() -> None:
+    message = "it was a transfer to my landlord, not a card payment"
+    parts = split_requests(message)
+    assert parts == ["it was a transfer to my landlord", "not a card payment"]
+    results = [intent_for({"failed_transfer": 0.5, "declined_transfer": 0.3}),
+               intent_for({"declined_card_payment": 0.5, "card_payment_not_recognised": 0.3})]
+    whole = intent_for({"declined_card_payment": 0.5, "failed_transfer": 0.3})
+    plan, d = turn(SessionState(session_id="s"), message, whole, parts=results)
+    against = [s for s in plan.evidence.soft if "is not" in s.label]
+    assert len(against) == 1
+    assert against[0].likelihood["declined_card_payment"] < against[0].likelihood["failed_transfer"]
+    assert d.posterior["goal"].get("declined_card_payment", 0) < d.posterior["goal"].get("failed_transfer", 0)
+
+
+def test_thanks_after_an_action_is_thanks_and_a_bare_correction_reopens_without_new_evidence() -> None:
+    session = SessionState(session_id="s")
+    turn(session, "my card was stolen", intent_for("lost_or_stolen_card", 0.95), reasoner(f_lost_stolen=0.97))
+    plan, d = turn(session, "thanks", act(thanks=0.95))
+    assert d is None and plan.reply_name == "thanks"
+    session = SessionState(session_id="s")
+    turn(session, "…", intent_for("exchange_rate", 0.9))
+    plan, _ = turn(session, "that's not what I meant", act(correction=0.9))
+    assert [s.label for s in plan.evidence.soft] == ["turn 2: the customer corrected the answer about exchange_rate"]
