@@ -38,6 +38,8 @@ class Intent(_Strict):
     urgent: bool = Field(default=False, description="handled first when a message asks for two things")
     related_groups: list[str] = Field(default_factory=list,
                                       description="other groups a follow-up question often moves to")
+    also_answers: list[str] = Field(default_factory=list,
+                                    description="intents whose question this FAQ answers too (overlapping content)")
 
 
 class ActExample(_Strict):
@@ -117,6 +119,8 @@ class UtilityTerm(_Strict):
     match: str | float | None = Field(default=None, description="answer actions: utility when the goal is the answered intent")
     related: str | float | None = Field(
         default=None, description="answer actions: utility when the goal is another intent of the answered one's group")
+    covers: str | float | None = Field(
+        default=None, description="answer actions: utility when the answered intent's FAQ also answers the goal")
     otherwise: str | float = 0.0
 
 
@@ -219,6 +223,9 @@ class DomainPack(_Strict):
             raise ValueError("intents: duplicate intent names")
         groups = {i.group for i in self.intents}
         for i in self.intents:
+            unknown_answers = set(i.also_answers) - set(names)
+            if unknown_answers:
+                raise ValueError(f"intents.{i.name}.also_answers: unknown intents {sorted(unknown_answers)}")
             unknown_groups = set(i.related_groups) - groups
             if unknown_groups:
                 raise ValueError(f"intents.{i.name}.related_groups: unknown groups {sorted(unknown_groups)}")
@@ -252,7 +259,7 @@ class DomainPack(_Strict):
             for term in action.utility:
                 if term.on not in variables:
                     raise ValueError(f"actions.{key}.utility: unknown variable {term.on!r}")
-                for ref in [*term.values.values(), term.match, term.related, term.otherwise]:
+                for ref in [*term.values.values(), term.match, term.related, term.covers, term.otherwise]:
                     if isinstance(ref, str) and ref not in self.utilities.weights:
                         raise ValueError(f"actions.{key}.utility: unknown weight {ref!r}")
         mood = self.utilities.mood_cost
@@ -407,6 +414,7 @@ def build_actions(pack: DomainPack, weights: dict[str, float]) -> list[ActionSpe
     """Expand action templates into utility tables; the answer template gives one action per intent."""
     states = {v.name: pack.states_of(v) for v in pack.variables}
     group_of = {i.name: i.group for i in pack.intents}
+    by_name = {i.name: i for i in pack.intents}
     members: dict[str, list[str]] = {}
     for i in pack.intents:
         members.setdefault(i.group, []).append(i.name)
@@ -429,6 +437,9 @@ def build_actions(pack: DomainPack, weights: dict[str, float]) -> list[ActionSpe
                     for sibling in members.get(group_of.get(target, ""), []):
                         if sibling != target and sibling in states[term.on]:
                             vec[states[term.on].index(sibling)] = _weight(term.related, weights)
+                if term.covers is not None and target is not None:
+                    for covered in by_name[target].also_answers:
+                        vec[states[term.on].index(covered)] = _weight(term.covers, weights)
                 if term.match is not None and target is not None:
                     vec[states[term.on].index(target)] = _weight(term.match, weights)
                 table = table + vec.reshape([-1 if a == axis else 1 for a in range(len(on))])

@@ -320,3 +320,20 @@ def intent_embeddings(data: IntentData, max_length: int = 64, models: str | Path
             cached_embeddings("oos-train", data.texts[n_bank:], max_length, models, log),
         ])
     return cached_embeddings(data.name, data.texts, max_length, models, log)
+
+
+def utterance_bank(domain: str, models_dir: Path | None) -> tuple[Any, Any, Path]:
+    """The domain pack, the simulator's utterance bank for it and the models folder (built if needed)."""
+    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    from graphs.domain import load_pack
+    from graphs.simulator import UtteranceBank
+
+    pack = load_pack(domain)
+    if models_dir is not None:
+        models = Path(models_dir).expanduser().resolve()
+    else:
+        from cluster.prepare import ensure_models
+
+        models = ensure_models(domain)
+    return pack, UtteranceBank.build(models, pack), models

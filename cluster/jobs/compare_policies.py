@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -167,20 +166,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    from cluster.jobs.common import utterance_bank
     from cluster.jobs.tune_policy import jsonable
-    from graphs.domain import load_pack
-    from graphs.simulator import UtteranceBank
 
-    pack = load_pack(args.domain)
-    if args.models_dir is not None:
-        models = args.models_dir.expanduser().resolve()
-    else:
-        from cluster.prepare import ensure_models
-
-        models = ensure_models(args.domain)
-    bank = UtteranceBank.build(models, pack)
+    pack, bank, models = utterance_bank(args.domain, args.models_dir)
     _, bank_eval = bank.split(0.5, seed=args.seed)
     command = "python -m cluster.jobs.compare_policies " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.finding_weights:

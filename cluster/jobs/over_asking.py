@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -100,19 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
-    from graphs.domain import load_pack
-    from graphs.simulator import UtteranceBank, with_finding_weight
+    from cluster.jobs.common import utterance_bank
+    from graphs.simulator import with_finding_weight
 
-    pack = load_pack(args.domain)
-    if args.models_dir is not None:
-        models = args.models_dir.expanduser().resolve()
-    else:
-        from cluster.prepare import ensure_models
-
-        models = ensure_models(args.domain)
-    bank = UtteranceBank.build(models, pack)
+    pack, bank, models = utterance_bank(args.domain, args.models_dir)
     weights = json.loads(args.weights.read_text())["weights"] if args.weights else None
     results = {}
     for w in args.finding_weight or [pack.dialogue.finding_weight]:
