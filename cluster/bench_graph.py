@@ -73,8 +73,8 @@ def in_process_turn(models: Path, max_new_tokens: int):
         (text, n), = responder._generate([req])
         return compose(req, text, n, responder.version, responder.pack.prompts.reply_prefix)
 
-    async def intent_one(m):
-        return intent._classify([m])[0]
+    async def intent_one(request):  # an IntentRequest (the message and the pending question), as the ingress sends
+        return intent._classify([request])[0]
 
     async def reason_one(m):
         return reasoner._reason([m])[0]

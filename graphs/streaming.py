@@ -26,7 +26,7 @@ async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: Responder
                       unavailable: tuple[type[BaseException], ...] = ()) -> AsyncIterator[tuple[str, BaseModel]]:
     yield "decision", partial_response(turn)
     req = turn.responder_request
-    if req is None:  # a control intent: the reply is a template, nothing to generate
+    if req is None:  # a conversation act or a done action: the reply is a template, nothing to generate
         yield "token", StreamText(text=turn.template_reply)
         done = await finish_turn(stages, turn, None)
         yield "done", StreamDone(**done.model_dump(), source="template")

@@ -65,7 +65,7 @@ def test_streamed_turns_keep_the_session_like_plain_turns(app_url: str) -> None:
     assert r["action"]["kind"] == "chitchat"
 
 
-def test_stream_control_intent(app_url: str) -> None:
+def test_stream_conversation_act(app_url: str) -> None:
     events = stream_chat(app_url, "hello")
     done = check_turn_stream(events)
     assert done["action"] == {"kind": "chitchat", "name": "greeting", "target": None}

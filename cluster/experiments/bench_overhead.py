@@ -41,6 +41,7 @@ class _Timed:
         self._inside: list[float] = []
         self._compute: list[float] = []
         self._spans: list[tuple[float, float, int]] = []  # (start, end, batch size) of every model call
+        self._messages: list[str] = []  # per call, where a turn makes several calls to one stage (intent)
 
     def _timed_compute(self, fn, *args):
         if getattr(self, "_compute", None) is None:  # the parent's __init__ warms the model up before the timers
@@ -59,23 +60,43 @@ class _Timed:
         return out
 
     def bench_timings(self) -> dict:
-        out = {"inside_ms": list(self._inside), "compute_ms": list(self._compute), "spans": list(self._spans)}
+        out = {"inside_ms": list(self._inside), "compute_ms": list(self._compute), "spans": list(self._spans),
+               "messages": list(self._messages)}
         self._inside.clear()
         self._compute.clear()
         self._spans.clear()
+        self._messages.clear()
         return out
 
 
 class TimedIntent(IntentActor.func_or_class, _Timed):
+    """A turn calls the intent stage once for its message and once per part of a message that may ask two
+    things (graphs.dialogue.split_requests), all at once, so they share a batch. Timings are therefore
+    kept per call: its message, the time inside the handler and the compute of the batch it ran in."""
+
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self._init_timers()
+        self._batch_ms: dict[int, float] = {}  # id(request) -> compute of its batch, until its call returns
 
-    def _classify(self, messages):
-        return self._timed_compute(super()._classify, messages)
+    def _classify(self, requests):
+        if getattr(self, "_compute", None) is None:  # the parent's __init__ warms the model up before the timers
+            return super()._classify(requests)
+        t0 = time.perf_counter()
+        out = super()._classify(requests)
+        t1 = time.perf_counter()
+        self._spans.append((t0, t1, len(requests)))
+        for r in requests:
+            self._batch_ms[id(r)] = (t1 - t0) * 1000
+        return out
 
-    async def __call__(self, message):
-        return await self._timed_call(self.classify(message))
+    async def __call__(self, request):
+        t0 = time.perf_counter()
+        out = await self.classify(request)
+        self._inside.append((time.perf_counter() - t0) * 1000)
+        self._compute.append(self._batch_ms.pop(id(request), float("nan")))
+        self._messages.append(request.message)
+        return out
 
 
 class TimedReasoner(ReasonerActor.func_or_class, _Timed):
@@ -169,7 +190,7 @@ async def drive(real_url: str, noop_url: str, messages: list[str]) -> tuple[list
             t0 = time.perf_counter()
             r = await client.post(f"{real_url}/v1/chat", json={"message": m})
             r.raise_for_status()
-            real.append({"latency_ms": (time.perf_counter() - t0) * 1000, **r.json()})
+            real.append({"latency_ms": (time.perf_counter() - t0) * 1000, "message": m, **r.json()})
             t0 = time.perf_counter()
             r = await client.post(noop_url, json={"message": m})
             r.raise_for_status()
@@ -177,29 +198,51 @@ async def drive(real_url: str, noop_url: str, messages: list[str]) -> tuple[list
     return real, noop
 
 
+def _own_calls(calls: list[str], turns: list[str]) -> list[int]:
+    """Index of each turn's own call among a stage's calls (in order); the other calls are its parts'."""
+    out, j = [], 0
+    for m in turns:
+        while j < len(calls) and calls[j] != m:
+            j += 1
+        if j == len(calls):
+            raise RuntimeError(f"intent: no timed call for the turn {m!r}")
+        out.append(j)
+        j += 1
+    return out
+
+
+def _stage(turn: dict, name: str) -> dict:
+    return next(s for s in turn["trace"]["stages"] if s["stage"] == name)
+
+
 def analyse(real: list[dict], noop: list[dict], stats: dict[str, dict]) -> dict:
     full = [t for t in real if t["action"]["kind"] != "chitchat"]
-    idx = [i for i, t in enumerate(real) if t["action"]["kind"] != "chitchat"]
-    stage_ms = {h: [next(s["ms"] for s in real[i]["trace"]["stages"] if s["stage"] == h) for i in idx] for h in HOPS}
+    idx = [i for i, t in enumerate(real) if t["action"]["kind"] != "chitchat"]  # reached the responder
+    # Reached the decision: all but turns answered by template before it (acts, acknowledgements).
+    decided = [i for i, t in enumerate(real) if "skipped" not in (_stage(t, "decision")["output"] or {})]
+    stage_ms = {h: [_stage(real[i], h)["ms"] for i in idx] for h in HOPS}
     out: dict = {"turns": len(real), "full_turns": len(full)}
     per_hop, model_share = {}, []
     for h in HOPS:
         inside, compute = stats[h]["inside_ms"], stats[h]["compute_ms"]
+        if h == "intent":  # the turn's own call, not its parts' (they ran in the same batch)
+            own = _own_calls(stats[h]["messages"], [t["message"] for t in real])
+            inside, compute = [inside[j] for j in own], [compute[j] for j in own]
+            stats[h] = stats[h] | {"inside_ms": inside, "compute_ms": compute}
         n = len(inside)
         # At concurrency 1 the replica's i-th call is the i-th turn that reached it.
-        keep = idx if h in ("decision", "responder") else list(range(len(real)))
+        keep = {"decision": decided, "responder": idx}.get(h, list(range(len(real))))
         if n != len(keep) or len(compute) != n:
             raise RuntimeError(f"{h}: {n} timed calls for {len(keep)} turns (concurrency must be 1)")
-        over = [next(s["ms"] for s in real[i]["trace"]["stages"] if s["stage"] == h) - inside[j]
-                for j, i in enumerate(keep)]
+        over = [_stage(real[i], h)["ms"] - inside[j] for j, i in enumerate(keep)]
         wait = [a - c for a, c in zip(inside, compute, strict=True)]
         per_hop[h] = {"stage_ms": _median(stage_ms[h]), "inside_ms": _median(inside), "compute_ms": _median(compute),
                       "batch_wait_ms": _median(wait), "hop_overhead_ms": _median(over)}
     for i in idx:
         t = real[i]
         c = {h: stats[h]["compute_ms"] for h in HOPS}
-        j_all, j_full = i, idx.index(i)
-        work = max(c["intent"][j_all], c["reasoner"][j_all]) + c["decision"][j_full] + c["responder"][j_full]
+        j_all, j_decided, j_full = i, decided.index(i), idx.index(i)
+        work = max(c["intent"][j_all], c["reasoner"][j_all]) + c["decision"][j_decided] + c["responder"][j_full]
         model_share.append(work / t["latency_ms"])
     noop_hop = {h: _median([t["hop_ms"][h] for t in noop]) for h in HOPS}
     out["per_hop"] = per_hop
