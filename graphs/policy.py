@@ -152,7 +152,11 @@ def _voi(
         return 0.0  # already answered
     variables = [question, *(v for v in tables.variables if v != question)]
     per_answer = _action_values(net.query(variables, hard, soft), variables, tables, keep=question)
-    # per_answer[s, a] = Σ_u P(q=s, u | e) U_a(u)
+    return _evsi(per_answer)  # per_answer[s, a] = Σ_u P(q=s, u | e) U_a(u)
+
+
+def _evsi(per_answer: np.ndarray) -> float:
+    """Σ_s max_a V[s, a] - max_a Σ_s V[s, a] for V[s, a] = Σ_u P(answer s, u | e) U_a(u)."""
     informed = float(per_answer.max(axis=1).sum())
     uninformed = float(per_answer.sum(axis=0).max())
     voi = informed - uninformed
@@ -174,13 +178,8 @@ def _voi_virtual(
     axis = variables.index(question.variable)
     shape = [1] * joint.ndim
     shape[axis] = -1
-    per_answer = np.stack([_action_values(joint * row.reshape(shape), variables, tables)
-                           for row in question.likelihood])
-    informed = float(per_answer.max(axis=1).sum())
-    uninformed = float(per_answer.sum(axis=0).max())
-    voi = informed - uninformed
-    scale = float(np.abs(per_answer).sum()) + 1.0
-    return voi if voi > _VOI_RTOL * scale else 0.0
+    return _evsi(np.stack([_action_values(joint * row.reshape(shape), variables, tables)
+                           for row in question.likelihood]))
 
 
 def expected_utilities(
