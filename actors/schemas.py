@@ -101,7 +101,6 @@ class SessionEvidence(_Wire):
 class DecisionRequest(_Wire):
     evidence: SessionEvidence
     turn: int
-    unavailable: list[str] = Field(default_factory=list, description="actions already done in this session")
 
 
 class InfluenceOut(_Wire):

@@ -80,7 +80,7 @@ class PreparedTurn:
     action: ActionOut
     trace: list[StageTrace]
     t_start: float
-    pack: DomainPack | None = None
+    pack: DomainPack
     responder_request: ResponderRequest | None = None  # None: answered by template (acts, acknowledgements)
     template_reply: str = ""
 
@@ -184,7 +184,6 @@ async def finish_turn(stages: Stages, turn: PreparedTurn, responder: ResponderRe
         trace.append(StageTrace(stage="responder", ms=round(responder_ms, 2), output=responder.model_dump()))
 
     session = turn.session
-    assert turn.pack is not None
     close_or_continue(session, turn.plan, turn.decision, turn.pack)
     session.turns += 1
     session.updated_at = time.time()
