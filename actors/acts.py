@@ -20,8 +20,8 @@ from typing import Any, get_args
 
 import numpy as np
 
-from actors.models import _as_2d, _load_tensors, _sigmoid, models_dir, read_meta
-from actors.schemas import ActName, AnswerReading
+from coact.actors.models import _as_2d, _load_tensors, _sigmoid, models_dir, read_meta
+from coact.graphs.policy.messages import ActName, AnswerReading
 
 ACT_NAMES: tuple[str, ...] = tuple(get_args(ActName))
 CONTENT = "content"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ray import serve
 
-from actors.schemas import DecisionRequest, DecisionResult, SessionEvidence
-from graphs.dialogue import Policy
-from graphs.domain import load_pack
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import DecisionRequest, DecisionResult, SessionEvidence
+from coact.graphs.policy.policy import Policy
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)

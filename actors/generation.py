@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.guard import OpenerStream, check_opener, check_reply, first_sentence
-from actors.schemas import ResponderChunk, ResponderRequest, ResponderResult
-from graphs.domain import DomainPack
+from coact.actors.guard import OpenerStream, check_opener, check_reply, first_sentence
+from coact.graphs.policy.domain import DomainPack
+from coact.graphs.policy.messages import ResponderChunk, ResponderRequest, ResponderResult
 
 STOP_STRINGS = [".", "!", "?"]  # only the first sentence is used
 STREAM_THREAD = "coact-stream"

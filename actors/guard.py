@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from actors.schemas import DecisionResult
+from coact.graphs.policy.messages import DecisionResult
 
 MAX_OPENER_CHARS = 160
 NGRAM = 5

@@ -12,12 +12,12 @@ import asyncio
 
 from ray import serve
 
-from actors.acts import ActClassifier, AnswerReader
-from actors.intent_models import load_intent_model
-from actors.models import TextEncoder, models_dir, set_batching, set_threads
-from actors.nlu import understand
-from actors.schemas import IntentRequest, IntentResult
-from graphs.domain import load_pack
+from coact.actors.acts import ActClassifier, AnswerReader
+from coact.actors.intent_models import load_intent_model
+from coact.actors.models import TextEncoder, models_dir, set_batching, set_threads
+from coact.actors.nlu import understand
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import IntentRequest, IntentResult
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)

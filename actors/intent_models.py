@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.models import IntentClassifier, IntentLabels, ModelsNotBuiltError, read_meta, softmax
+from coact.actors.models import IntentClassifier, IntentLabels, ModelsNotBuiltError, read_meta, softmax
 
 LINEAR_HEAD = "linear_head"
 SEQUENCE_CLASSIFICATION = "sequence_classification"

@@ -31,7 +31,7 @@ LM_PAD_TOKEN = "<|im_end|>"
 
 
 class ModelsNotBuiltError(FileNotFoundError):
-    """A models folder is missing; run ``coact prepare`` (``python -m cluster.prepare``)."""
+    """A models folder is missing; run ``coact prepare`` (``python -m coact.cluster.prepare``)."""
 
 
 # ---------------------------------------------------------------- paths
@@ -81,7 +81,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise ModelsNotBuiltError(
-            f"{path} not found: build the models first with `coact prepare` (python -m cluster.prepare)"
+            f"{path} not found: build the models first with `coact prepare` (python -m coact.cluster.prepare)"
         )
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -8,11 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actors.schemas import AnswerReading, IntentRequest, IntentResult, Passage, ReasonerResult, ScoredLabel
+from coact.graphs.policy.messages import (
+    AnswerReading,
+    IntentRequest,
+    IntentResult,
+    Passage,
+    ReasonerResult,
+    ScoredLabel,
+)
 
 if TYPE_CHECKING:
-    from actors.acts import ActClassifier, ActReading, AnswerReader
-    from actors.models import FindingHeads, PassageIndex
+    from coact.actors.acts import ActClassifier, ActReading, AnswerReader
+    from coact.actors.models import FindingHeads, PassageIndex
 
 _PUNCT = re.compile(r"[^\w\s']+")
 
@@ -64,7 +71,7 @@ def understand(
     """The IntentActor's work on a batch, given the base encoder's embeddings of the messages: the intent
     model (``actors.intent_models``: any kind), the acts read with each request's pending flag, and the answer
     reading for requests whose ``pending`` names a pack question with answer examples."""
-    from actors.acts import read_acts
+    from coact.actors.acts import read_acts
 
     messages = [r.message for r in requests]
     probs = classifier.predict_proba_texts(messages, embeddings)

@@ -10,9 +10,9 @@ import asyncio
 import torch
 from ray import serve
 
-from actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir, set_batching, set_threads
-from actors.nlu import reason
-from actors.schemas import ReasonerResult
+from coact.actors.models import FindingHeads, PassageIndex, TextEncoder, models_dir, set_batching, set_threads
+from coact.actors.nlu import reason
+from coact.graphs.policy.messages import ReasonerResult
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)

@@ -14,7 +14,7 @@ from contextlib import aclosing
 
 from ray import serve
 
-from actors.generation import (
+from coact.actors.generation import (
     STREAM_THREAD,
     GenerationSettings,
     build_prompt,
@@ -25,9 +25,9 @@ from actors.generation import (
     stream_transformers,
     template_result,
 )
-from actors.models import lm_version, load_lm, models_dir, set_batching, set_threads
-from actors.schemas import ResponderChunk, ResponderRequest, ResponderResult, ResponderStats
-from graphs.domain import load_pack
+from coact.actors.models import lm_version, load_lm, models_dir, set_batching, set_threads
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import ResponderChunk, ResponderRequest, ResponderResult, ResponderStats
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
@@ -48,7 +48,7 @@ class ResponderActor:
         self.version = lm_version(f"{root}/lm")
         self.stats = ResponderStats(backend=backend)
         if backend == "vllm":
-            from actors.vllm_backend import VllmBackend, VllmSettings
+            from coact.actors.vllm_backend import VllmBackend, VllmSettings
 
             self.engine = VllmBackend(f"{root}/lm", VllmSettings(**(vllm or {})), threads=threads)
             self.tokenizer, self.model = self.engine.tokenizer, None

@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.generation import STOP_STRINGS, GenerationSettings
+from coact.actors.generation import STOP_STRINGS, GenerationSettings
 
 
 @dataclass

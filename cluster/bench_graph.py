@@ -1,7 +1,7 @@
 """Per-turn latency and throughput: the Serve graph against the same four models in one process.
 
-    python -m cluster.bench_graph [--concurrency 1 8 32] [--requests 32] [--max-new-tokens 20] [--json out.json]
-    python -m cluster.bench_graph --quick        # concurrency 1 4, 4 turns of 8 tokens (tests)
+    python -m coact.cluster.bench_graph [--concurrency 1 8 32] [--requests 32] [--max-new-tokens 20] [--json out.json]
+    python -m coact.cluster.bench_graph --quick        # concurrency 1 4, 4 turns of 8 tokens (tests)
 
 Both sides run the same turn function (graphs.pipeline.run_turn) on the same messages. The
 in-process side calls the four stages one after another, blocking, with no batching; the graph
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from cluster.local import quiet_env
+from coact.cluster.local import quiet_env
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -29,7 +29,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def messages(n: int) -> list[str]:
-    from cluster.datasets import load_banking77
+    from coact.cluster.datasets import load_banking77
 
     rows = load_banking77("test")
     step = max(1, len(rows) // n)
@@ -54,14 +54,14 @@ async def _drive(turn, msgs: list[str], concurrency: int) -> tuple[list[float], 
 
 def in_process_turn(models: Path, max_new_tokens: int):
     """The four stages as plain objects in this process, called one after another."""
-    from actors.decision import DecisionActor
-    from actors.generation import compose
-    from actors.intent import IntentActor
-    from actors.reasoner import ReasonerActor
-    from actors.responder import ResponderActor
-    from actors.schemas import ChatRequest
-    from graphs.domain import load_pack
-    from graphs.pipeline import Stages, run_turn
+    from coact.actors.decision import DecisionActor
+    from coact.actors.generation import compose
+    from coact.actors.intent import IntentActor
+    from coact.actors.reasoner import ReasonerActor
+    from coact.actors.responder import ResponderActor
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.serving.http import ChatRequest
+    from coact.graphs.serving.pipeline import Stages, run_turn
 
     intent = IntentActor.func_or_class(models=str(models))
     reasoner = ReasonerActor.func_or_class(models=str(models))
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.concurrency, args.requests, args.max_new_tokens = [1, 4], 4, 8
 
-    from cluster.prepare import ensure_models
+    from coact.cluster.prepare import ensure_models
 
     models = ensure_models()
     msgs = messages(args.requests)
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from cluster.experiments.sweep import start_ray, stop_ray
-    from cluster.local import deploy
+    from coact.cluster.experiments.sweep import start_ray, stop_ray
+    from coact.cluster.local import deploy
 
     started, tmp = start_ray(4)  # a private local Ray (or the job's cluster under `ray job submit`)
     try:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:>11} | {a[0]:>9.0f} / {a[1]:<9.0f} | {b[0]:>6.0f} / {b[1]:<7.0f} | {a[2]:>15.2f} | {b[2]:>13.2f} | "
               f"{b[2] / a[2]:>33.2f} | {b[0] / a[0]:>26.2f}")
     if args.json:
-        from cluster.experiments.machine import facts
+        from coact.cluster.experiments.machine import facts
 
         rows = [{"concurrency": c, "side": side, "p50_ms": v[0], "p99_ms": v[1], "turns_per_s": v[2]}
                 for (side, c), v in results.items()]

@@ -1,8 +1,8 @@
 """Exact inference, side by side: graphs.bayesnet against pgmpy's VariableElimination.
 
-    python -m cluster.bench_inference [--networks asia child insurance alarm banking] [--repeats 5]
-    python -m cluster.bench_inference --networks all --policy --json results/bench/inference.json
-    python -m cluster.bench_inference --quick        # asia + banking, few queries (tests)
+    python -m coact.cluster.bench_inference [--networks asia child insurance alarm banking] [--repeats 5]
+    python -m coact.cluster.bench_inference --networks all --policy --json results/bench/inference.json
+    python -m coact.cluster.bench_inference --quick        # asia + banking, few queries (tests)
 
 For every network the same random queries (hard evidence drawn from a forward sample, so it is
 possible, plus optionally one virtual-evidence item) run through both engines in one process; the
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from graphs.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
+from coact.graphs.policy.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
 
 BNLEARN = ("asia", "child", "insurance", "alarm", "hailfinder", "hepar2")
 DEFAULT_NETWORKS = ("asia", "child", "insurance", "alarm", "banking")
@@ -70,7 +70,7 @@ def to_pgmpy(net: BayesNet) -> Any:
 def load_network(name: str) -> tuple[BayesNet, Any, list[str]]:
     """(engine net, pgmpy model, variables the queries ask about)."""
     if name == "banking":
-        from graphs.domain import build_actions, build_network, load_pack
+        from coact.graphs.policy.domain import build_actions, build_network, load_pack
 
         pack = load_pack("banking")
         net = build_network(pack)
@@ -78,7 +78,7 @@ def load_network(name: str) -> tuple[BayesNet, Any, list[str]]:
         return net, to_pgmpy(net), utility_vars
     from pgmpy.readwrite import BIFReader
 
-    from cluster.datasets import data_dir
+    from coact.cluster.datasets import data_dir
 
     path = data_dir() / "bnlearn_bif" / f"{name}.bif.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -181,9 +181,9 @@ def bench_network(name: str, repeats: int, n_queries: int, seed: int) -> list[di
 
 def policy_turns(n_turns: int, seed: int) -> list[Any]:
     """Realistic decision inputs: an intent likelihood and finding likelihoods, plus 0-2 answered questions."""
-    from actors.schemas import SessionEvidence, SoftEvidenceItem
-    from graphs.dialogue import Policy
-    from graphs.domain import load_pack
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.messages import SessionEvidence, SoftEvidenceItem
+    from coact.graphs.policy.policy import Policy
 
     pack = load_pack("banking")
     policy = Policy(pack)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         from pathlib import Path
 
-        from cluster.experiments.machine import facts
+        from coact.cluster.experiments.machine import facts
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"facts": facts(), "networks": rows, "policy": policy}, indent=2))

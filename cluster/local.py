@@ -55,7 +55,7 @@ def deploy(args: dict | None = None, port: int = DEFAULT_PORT, timeout_s: float 
     """Deploy the app on the connected cluster; returns its base URL once /healthz answers."""
     from ray import serve
 
-    from graphs.app import build_app
+    from coact.graphs.serving.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args or {}), name=name, route_prefix=route_prefix, blocking=False)

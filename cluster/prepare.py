@@ -22,7 +22,7 @@ Parts (each in its own sub-folder with a ``meta.json`` carrying a content-hash `
 Idempotent: a part whose input fingerprint is unchanged and whose outputs exist is skipped ("up to date");
 ``force=True`` rebuilds. Runs under a file lock, so concurrent callers (parallel test sessions) wait.
 
-    python -m cluster.prepare [--models-dir DIR] [--force] [--domain banking]
+    python -m coact.cluster.prepare [--models-dir DIR] [--force] [--domain banking]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from actors import acts as A
-from actors import models as M
-from cluster import datasets as D
+from coact.actors import acts as A
+from coact.actors import models as M
+from coact.cluster import datasets as D
 
 REPO_ROOT = M.REPO_ROOT
 
@@ -166,7 +166,7 @@ def _staging(target: Path) -> Iterator[Path]:
 
 class _Ctx:
     def __init__(self, out: Path, domain: str) -> None:
-        from graphs.domain import load_pack, resolve_pack_path
+        from coact.graphs.policy.domain import load_pack, resolve_pack_path
 
         self.out = out
         self.pack_path = resolve_pack_path(domain).resolve()
@@ -651,7 +651,7 @@ def load_acts_heldout(path: Path = ACTS_HELDOUT) -> list[dict[str, Any]]:
 def load_answers_heldout(path: Path = ANSWERS_HELDOUT) -> dict[str, dict[str, list[str]]]:
     import yaml
 
-    from graphs.domain import _PackLoader
+    from coact.graphs.policy.domain import _PackLoader
 
     data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PackLoader)  # noqa: S506 - SafeLoader subclass
     return {str(v): {str(s): [str(t) for t in texts] for s, texts in states.items()} for v, states in data.items()}
@@ -797,7 +797,7 @@ def act_dataset(ctx: _Ctx) -> dict[str, Any]:
     for i, m in enumerate(held):
         add(m["text"], _labels_of(m["acts"], m["content"]), "heldout", "test", m["pending"], ("heldout", i))
 
-    from actors.nlu import normalise
+    from coact.actors.nlu import normalise
 
     train_texts = {normalise(r["text"]) for r in rows if r["split"] in ("train", "val")}
     leaked = sorted(r["text"] for r in rows if r["source"] == "heldout" and normalise(r["text"]) in train_texts)

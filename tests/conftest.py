@@ -27,7 +27,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    from cluster.prepare import ensure_models
+    from coact.cluster.prepare import ensure_models
 
     return ensure_models()
 
@@ -36,7 +36,7 @@ def models_dir() -> Path:
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    from cluster.local import init_ray
+    from coact.cluster.local import init_ray
 
     # A short private temp dir: Ray's socket paths must stay under the Unix limit, and runs must not share state.
     tmp = tempfile.mkdtemp(prefix="coact-ray-", dir="/tmp")
@@ -50,7 +50,7 @@ def ray_cluster() -> Iterator[None]:
 def app_url(models_dir: Path, ray_cluster: None) -> Iterator[str]:
     from ray import serve
 
-    from cluster.local import deploy
+    from coact.cluster.local import deploy
 
     url = deploy({"models": str(models_dir), "generate": True, "max_new_tokens": 20}, port=free_port(),
                  timeout_s=600)
@@ -61,7 +61,7 @@ def app_url(models_dir: Path, ray_cluster: None) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[object]:
     """A private `ray start --head` with the dashboard (Jobs API), token auth on, own HOME/temp dir/ports."""
-    from cluster.head import start_head
+    from coact.cluster.head import start_head
 
     head = start_head(num_cpus=2)
     yield head

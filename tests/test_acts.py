@@ -13,13 +13,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from actors import acts as A  # noqa: E402
-from actors import models as M  # noqa: E402
-from actors.nlu import normalise, understand  # noqa: E402
-from actors.schemas import ActName, IntentRequest  # noqa: E402
-from cluster import datasets as D  # noqa: E402
-from cluster import prepare as P  # noqa: E402
-from graphs.domain import DOMAINS_DIR, DomainPackError, load_pack, parse_pack  # noqa: E402
+from coact.actors import acts as A  # noqa: E402
+from coact.actors import models as M  # noqa: E402
+from coact.actors.nlu import normalise, understand  # noqa: E402
+from coact.cluster import datasets as D  # noqa: E402
+from coact.cluster import prepare as P  # noqa: E402
+from coact.graphs.policy.domain import DOMAINS_DIR, DomainPackError, load_pack, parse_pack  # noqa: E402
+from coact.graphs.policy.messages import ActName, IntentRequest  # noqa: E402
 
 PACK = load_pack("banking")
 BANKING = (DOMAINS_DIR / "banking.yaml").read_text()
@@ -231,7 +231,7 @@ def test_answers_in_words(classifier: A.ActClassifier, encoder: M.TextEncoder) -
 
 def test_intent_results_carry_acts_and_the_answer(models_dir: Path, classifier: A.ActClassifier,
                                                   encoder: M.TextEncoder) -> None:
-    from actors.intent_models import load_intent_model
+    from coact.actors.intent_models import load_intent_model
 
     intent = load_intent_model(M.intent_path(models_dir))
     reader = A.AnswerReader.from_pack(PACK, encoder.embed, **classifier.answer_reader)

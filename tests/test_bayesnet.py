@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphs.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
+from coact.graphs.policy.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
 
 # --------------------------------------------------------------------------- random networks
 

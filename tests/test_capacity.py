@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.experiments import capacity as C
+from coact.cluster.experiments import capacity as C
 
 SAMPLE = Path(__file__).resolve().parents[1] / "cluster" / "experiments" / "sample_results"
 

@@ -56,13 +56,13 @@ def bound_names(app: Any) -> set[str]:
 def test_serve_config_validates_and_builds(name: str) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from actors.schemas import AppConfig
-    from graphs.app import build_app
+    from coact.graphs.serving.app import build_app
+    from coact.graphs.serving.http import AppConfig
 
     cfg = load(CONFIGS[name])
     schema = ServeDeploySchema.model_validate(cfg)  # Ray's own schema of `serve deploy` / `serve run` files
     (app,) = schema.applications
-    assert app.import_path == "graphs.app:build_app"
+    assert app.import_path == "coact.graphs.serving.app:build_app"
     AppConfig.model_validate(app.args)  # extra="forbid": a misspelt arg fails here, not on the cluster
     built = build_app(app.args)
     # Every deployment the builder makes is configured in the file, and the file names no other one
@@ -71,7 +71,7 @@ def test_serve_config_validates_and_builds(name: str) -> None:
 
 
 def test_gpu_config_is_deliberate() -> None:
-    from actors.schemas import AppConfig
+    from coact.graphs.serving.http import AppConfig
 
     cfg = load(CONFIGS["gpu"])
     args = AppConfig.model_validate(app_of(cfg)["args"])
@@ -96,7 +96,7 @@ def test_gpu_config_is_deliberate() -> None:
     # A fixed count from args (num_replicas in code) beside the file's autoscaling_config is refused by Serve.
     assert args.reasoner_replicas is None and args.responder_replicas is None
     deps = deployments_of(cfg)
-    # The args say the same GPUs as the file, so `serve run graphs.app:build_app` with these args places alike.
+    # The args say the same GPUs as the file, so `serve run coact.graphs.serving.app:build_app` with these args places alike.
     assert deps["ReasonerActor"]["ray_actor_options"]["num_gpus"] == args.reasoner_num_gpus
     assert deps["ResponderActor"]["ray_actor_options"]["num_gpus"] == args.responder_num_gpus
     # The Responder admits as many turns as the engine batches (vLLM's max_num_seqs), no more.
@@ -277,14 +277,14 @@ def test_rayservice_manifest() -> None:
     import ray
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.kuberay import render
+    from coact.cluster.kuberay import render
 
     svc = RayService.model_validate(load(MANIFEST))
     assert (svc.apiVersion, svc.kind) == ("ray.io/v1", "RayService")
     serve_cfg = yaml.safe_load(svc.spec.serveConfigV2)
     ServeDeploySchema.model_validate(serve_cfg)
-    assert serve_cfg == load(CONFIGS["gpu"]), "serveConfigV2 differs from gpu.yaml: python -m cluster.kuberay --write"
-    assert MANIFEST.read_text() == render(), "python -m cluster.kuberay --write"
+    assert serve_cfg == load(CONFIGS["gpu"]), "serveConfigV2 differs from gpu.yaml: python -m coact.cluster.kuberay --write"
+    assert MANIFEST.read_text() == render(), "python -m coact.cluster.kuberay --write"
     cluster = svc.spec.rayClusterConfig
     assert cluster.rayVersion == ray.__version__
     assert cluster.authOptions.mode == "token" and cluster.enableInTreeAutoscaling
@@ -366,7 +366,7 @@ def test_configs_take_effect_on_a_real_serve(tmp_path: Path) -> None:
 
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.head import free_port, start_head
+    from coact.cluster.head import free_port, start_head
 
     apps = []
     for name, path in CONFIGS.items():  # only the app's name and route differ from the files
@@ -378,7 +378,7 @@ def test_configs_take_effect_on_a_real_serve(tmp_path: Path) -> None:
     path = tmp_path / "both.yaml"
     path.write_text(yaml.safe_dump(combined))
     t0 = time.monotonic()
-    # Workers import graphs.app from the checkout (the image has it installed instead).
+    # Workers import coact.graphs.serving.app from the checkout (the image has it installed instead).
     head = start_head(num_cpus=0, env={"PYTHONPATH": str(REPO)})
     print(f"\nhead up in {time.monotonic() - t0:.0f} s")
     try:

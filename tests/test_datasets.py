@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import datasets as D
+from coact.cluster import datasets as D
 
 
 @pytest.fixture

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.guard import check_opener, check_reply, first_sentence
-from actors.schemas import (
-    AnswerReading,
-    DecisionResult,
-    IntentResult,
-    ReasonerResult,
-    ScoredLabel,
-    SessionState,
-)
-from actors.session_store import SessionTable
-from graphs.dialogue import (
+from coact.actors.guard import check_opener, check_reply, first_sentence
+from coact.actors.session_store import SessionTable
+from coact.graphs.policy.dialogue import (
     GOAL_QUESTION,
-    Policy,
     close_or_continue,
     goal_states,
     plan_turn,
@@ -26,7 +17,16 @@ from graphs.dialogue import (
     split_requests,
     transition_prior,
 )
-from graphs.domain import load_pack
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import (
+    AnswerReading,
+    DecisionResult,
+    IntentResult,
+    ReasonerResult,
+    ScoredLabel,
+    SessionState,
+)
+from coact.graphs.policy.policy import Policy
 
 PACK = load_pack("banking")
 POLICY = Policy(PACK)

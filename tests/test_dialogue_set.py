@@ -9,7 +9,7 @@ from typing import get_args
 
 import pytest
 
-from cluster.jobs.test_dialogues import (
+from coact.cluster.jobs.test_dialogues import (
     DEFAULT_FILE,
     Category,
     DialogueSetError,
@@ -151,7 +151,7 @@ def test_dialogue_set_against_the_app(app_url: str, models_dir: Path, tmp_path: 
     """
     from ray import serve
 
-    from cluster.local import deploy
+    from coact.cluster.local import deploy
 
     port = int(app_url.rsplit(":", 1)[1])
     url = deploy({"models": str(models_dir), "generate": False}, port=port, name="coact-dialogues",

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from graphs.domain import DOMAINS_DIR, DomainPackError, build_actions, build_network, load_pack, parse_pack
+from coact.graphs.policy.domain import (
+    DOMAINS_DIR,
+    DomainPackError,
+    build_actions,
+    build_network,
+    load_pack,
+    parse_pack,
+)
 
 BANKING = (DOMAINS_DIR / "banking.yaml").read_text()
 

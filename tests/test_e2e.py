@@ -94,7 +94,7 @@ def test_responder_output_is_guarded(app_url: str) -> None:
         assert out["guard"]  # a fallback always says why
     decision = stage(data, "decision")["output"]
     if decision["kind"] == "answer":
-        from graphs.domain import load_pack
+        from coact.graphs.policy.domain import load_pack
 
         assert load_pack("banking").intent(decision["target"]).faq.split()[0] in data["reply"]
 
@@ -175,7 +175,7 @@ def test_overload_gets_503_with_retry_after(app_url: str, models_dir) -> None:
     """A second app whose Responder takes one turn at a time and queues one more: the rest are shed."""
     from ray import serve
 
-    from cluster.local import deploy
+    from coact.cluster.local import deploy
 
     port = int(app_url.rsplit(":", 1)[1])
     url = deploy({"models": str(models_dir), "max_new_tokens": 8, "responder_max_ongoing_requests": 1,

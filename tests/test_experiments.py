@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.experiments import loadgen as L
+from coact.cluster.experiments import loadgen as L
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +88,7 @@ def test_refuses_a_remote_target() -> None:
 
 
 def test_sweep_attached_to_the_app(app_url: str, tmp_path: Path) -> None:
-    from cluster.experiments import sweep
+    from coact.cluster.experiments import sweep
 
     assert sweep.main(["--url", app_url, "--app-name", "coact", "--concurrency", "1", "2", "--duration", "3",
                        "--output", str(tmp_path)]) == 0
@@ -110,7 +110,7 @@ def test_tune_serving_two_trials(app_url: str, tmp_path: Path) -> None:
     """Two sequential trials redeploy a second app (responder batching off vs on) next to the session app."""
     from urllib.parse import urlparse
 
-    from cluster.experiments import tune_serving
+    from coact.cluster.experiments import tune_serving
 
     port = urlparse(app_url).port
     assert tune_serving.main(["--quick", "--duration", "3", "--port", str(port), "--verbose", "0",
@@ -126,7 +126,7 @@ def test_tune_serving_two_trials(app_url: str, tmp_path: Path) -> None:
 
 def test_decision_engine_benchmark_quick(tmp_path: Path) -> None:
     """bench_inference --quick: every policy query replayed through pgmpy gives the same posterior."""
-    from cluster import bench_inference
+    from coact.cluster import bench_inference
 
     out = tmp_path / "inference.json"
     bench_inference.main(["--quick", "--json", str(out)])
@@ -138,7 +138,7 @@ def test_decision_engine_benchmark_quick(tmp_path: Path) -> None:
 
 
 def test_busy_time_merges_overlapping_calls() -> None:
-    from cluster.experiments.bench_batching import busy_seconds
+    from coact.cluster.experiments.bench_batching import busy_seconds
 
     assert busy_seconds([(0.0, 1.0, 1), (0.5, 1.5, 1), (3.0, 4.0, 8)]) == pytest.approx(2.5)
     assert busy_seconds([(0.0, 2.0, 1), (0.5, 1.0, 1)]) == pytest.approx(2.0)

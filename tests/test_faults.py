@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.session_store import SessionJournal, SessionTable
+from coact.actors.session_store import SessionJournal, SessionTable
 from tests.conftest import REPO
 
 

@@ -16,7 +16,7 @@ APP = "coact-swap"
 def _config(models_dir: Path, intent_model: str | None):
     from ray.serve.schema import ServeDeploySchema
 
-    app = {"name": APP, "route_prefix": "/swap", "import_path": "graphs.app:build_app",
+    app = {"name": APP, "route_prefix": "/swap", "import_path": "coact.graphs.serving.app:build_app",
            "args": {"models": str(models_dir), "generate": False}}
     if intent_model:
         # What an operator edits in the config file before `serve deploy`: the code version (import
@@ -54,8 +54,8 @@ def test_intent_model_hot_swap(app_url: str, models_dir: Path, tmp_path: Path) -
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from actors.models import read_meta
-    from cluster.jobs import train_intent
+    from coact.actors.models import read_meta
+    from coact.cluster.jobs import train_intent
 
     # A genuinely different model: a frozen-encoder head trained on a small sample.
     train_intent.main(["--mode", "frozen", "--train-per-class", "20", "--val-per-class", "5", "--epochs", "2",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cluster.head import PrivateHead
+from coact.cluster.head import PrivateHead
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -27,7 +27,7 @@ EXCLUDES = ["models/", ".venv/", "results/", ".git/", "notebooks/", "*.pyc", "__
 
 
 def runtime_env(models_dir: Path) -> dict:
-    from cluster.datasets import _source
+    from coact.cluster.datasets import _source
 
     data_dir, _ = _source()  # the folder the tests themselves read: absolute, the upload has no ../shared
     return {"env_vars": {"COACT_MODELS_DIR": str(models_dir), "COACT_DATA_DIR": str(Path(data_dir).resolve()),
@@ -71,7 +71,7 @@ def api_submission(ray_head: PrivateHead, models_dir: Path, tmp_path_factory: py
 @pytest.fixture(scope="module")
 def cli_submissions(ray_head: PrivateHead, models_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                     api_submission: dict) -> dict:
-    """`ray job submit --working-dir . -- python -m cluster.jobs.<name> …` for every job, side by side
+    """`ray job submit --working-dir . -- python -m coact.cluster.jobs.<name> …` for every job, side by side
     (and beside the Jobs API submission, already running)."""
     root = tmp_path_factory.mktemp("jobs")
     renv = json.dumps(runtime_env(models_dir))
@@ -116,7 +116,7 @@ def test_client_without_token_is_refused(ray_head: PrivateHead, tmp_path: Path) 
 
 
 def test_submit_train_intent(cli_submissions: dict) -> None:
-    from actors.intent_models import SequenceIntentClassifier, load_intent_model
+    from coact.actors.intent_models import SequenceIntentClassifier, load_intent_model
 
     out = succeeded(cli_submissions, "train_intent")["out"]
     summary = json.loads((out / "train_summary.json").read_text())
@@ -138,7 +138,7 @@ def test_submit_evaluate(cli_submissions: dict) -> None:
 
 
 def test_submit_tune_intent(cli_submissions: dict) -> None:
-    from cluster.jobs import tune_intent
+    from coact.cluster.jobs import tune_intent
 
     out = succeeded(cli_submissions, "tune_intent")["out"]
     results = pd.read_csv(out / "results.csv")
@@ -150,7 +150,7 @@ def test_submit_tune_intent(cli_submissions: dict) -> None:
 
 
 def test_submit_tune_policy(cli_submissions: dict) -> None:
-    from cluster.jobs import tune_policy
+    from coact.cluster.jobs import tune_policy
 
     out = succeeded(cli_submissions, "tune_policy")["out"]
     results = pd.read_csv(out / "results.csv")

@@ -27,7 +27,7 @@ def _two_threads():
 # ---------------------------------------------------------------- unit: metrics
 
 def test_calibration_and_oos_metrics() -> None:
-    from cluster.jobs.evaluate import expected_calibration_error, fpr_at_recall, oos_metrics
+    from coact.cluster.jobs.evaluate import expected_calibration_error, fpr_at_recall, oos_metrics
 
     conf = np.array([0.9, 0.9, 0.6, 0.6])
     correct = np.array([1.0, 1.0, 1.0, 0.0])
@@ -41,8 +41,8 @@ def test_calibration_and_oos_metrics() -> None:
 
 
 def test_same_split_as_prepare() -> None:
-    from cluster.jobs.common import load_intent_data
-    from cluster.prepare import VAL_FRACTION
+    from coact.cluster.jobs.common import load_intent_data
+    from coact.cluster.prepare import VAL_FRACTION
 
     data = load_intent_data()
     assert data.num_labels == 78 and data.labels[-1] == data.out_of_scope_label
@@ -55,7 +55,7 @@ def test_same_split_as_prepare() -> None:
 # ---------------------------------------------------------------- evaluate.py
 
 def test_evaluate_linear_head(models_dir: Path, tmp_path: Path) -> None:
-    from cluster.jobs import evaluate
+    from coact.cluster.jobs import evaluate
 
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(models_dir / "intent"), "--out", str(out), "--no-progress"]) == 0
@@ -80,9 +80,9 @@ def test_evaluate_linear_head(models_dir: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- train_intent.py + intent_models.py
 
 def test_train_tiny_and_load(models_dir: Path, tmp_path: Path) -> None:
-    from actors.intent_models import SequenceIntentClassifier, load_intent_model
-    from actors.models import IntentClassifier
-    from cluster.jobs import train_intent
+    from coact.actors.intent_models import SequenceIntentClassifier, load_intent_model
+    from coact.actors.models import IntentClassifier
+    from coact.cluster.jobs import train_intent
 
     out, model_dir = tmp_path / "train", tmp_path / "model"
     rc = train_intent.main(["--train-per-class", "3", "--val-per-class", "2", "--epochs", "1",
@@ -113,7 +113,7 @@ def test_train_tiny_and_load(models_dir: Path, tmp_path: Path) -> None:
 def test_tune_smoke(models_dir: Path, tmp_path: Path) -> None:
     import ray
 
-    from cluster.jobs import tune_intent
+    from coact.cluster.jobs import tune_intent
 
     was_running = ray.is_initialized()
     out = tmp_path / "tune"

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.bayesnet import BayesNet, SoftEvidence
-from graphs.policy import ActionSpec, QuestionSpec, decide, expected_utilities, value_of_information
+from coact.graphs.policy.bayesnet import BayesNet, SoftEvidence
+from coact.graphs.policy.decide import (
+    ActionSpec,
+    QuestionSpec,
+    decide,
+    expected_utilities,
+    value_of_information,
+)
 from tests.test_bayesnet import random_network
 
 # --------------------------------------------------------------------------- the clinic example
@@ -176,7 +182,13 @@ def test_voi_when_question_is_a_utility_variable() -> None:
 
 @pytest.fixture(scope="module")
 def banking():
-    from graphs.domain import build_actions, build_network, build_questions, load_pack, resolve_pack_path
+    from coact.graphs.policy.domain import (
+        build_actions,
+        build_network,
+        build_questions,
+        load_pack,
+        resolve_pack_path,
+    )
 
     if not resolve_pack_path("banking").exists():
         pytest.skip("banking domain pack not written yet")
@@ -226,9 +238,10 @@ def test_banking_answers_when_nobody_else_did(banking) -> None:
 
 def test_virtual_question_voi_equals_enumerating_its_answers() -> None:
     """The disambiguation question's VOI, computed in one pass, equals Σ_a P(a) max EU(· | a) - max EU."""
-    from graphs.dialogue import Policy, disambiguation_question
-    from graphs.domain import load_pack
-    from graphs.policy import expected_utilities
+    from coact.graphs.policy.decide import expected_utilities
+    from coact.graphs.policy.dialogue import disambiguation_question
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.policy import Policy
 
     pack = load_pack("banking")
     policy = Policy(pack)

@@ -13,8 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from actors import models as M  # noqa: E402
-from cluster import prepare as P  # noqa: E402
+from coact.actors import models as M  # noqa: E402
+from coact.cluster import prepare as P  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_intent_metrics_in_manifest(manifest: dict) -> None:
 
 
 def test_intent_classifier_loads_and_matches(built: Path, manifest: dict, encoder: M.TextEncoder) -> None:
-    from cluster.datasets import load_banking77
+    from coact.cluster.datasets import load_banking77
 
     clf = M.IntentClassifier(M.intent_path(built))
     assert len(clf.labels) == 78 and clf.labels[-1] == clf.out_of_scope_label
@@ -120,7 +120,7 @@ def test_effective_prior_is_the_weighted_positive_share() -> None:
 
 
 def test_reasoner_sends_the_effective_prior(built: Path, encoder: M.TextEncoder) -> None:
-    from actors.nlu import reason
+    from coact.actors.nlu import reason
 
     heads = M.FindingHeads(M.findings_path(built))
     index = M.PassageIndex(M.passages_path(built))
@@ -182,7 +182,7 @@ def test_text_encoder_embeddings(encoder: M.TextEncoder) -> None:
 
 
 def test_missing_models_folder_is_a_clear_error(tmp_path: Path) -> None:
-    from actors.acts import ActClassifier
+    from coact.actors.acts import ActClassifier
 
     for cls in (M.IntentClassifier, M.FindingHeads, M.PassageIndex, ActClassifier):
         with pytest.raises(M.ModelsNotBuiltError, match="coact prepare"):

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.schemas import IntentResult, ScoredLabel, SessionState
-from graphs.baselines import AMBIGUITY_THRESHOLD, FALLBACK_THRESHOLD, RasaAgent, falls_back
-from graphs.dialogue import Policy, close_or_continue, plan_turn, read_state
-from graphs.domain import load_pack
-from graphs.simulator import (
+from coact.cluster.bank import bank_cache_path, build_bank
+from coact.graphs.policy.baselines import AMBIGUITY_THRESHOLD, FALLBACK_THRESHOLD, RasaAgent, falls_back
+from coact.graphs.policy.dialogue import close_or_continue, plan_turn, read_state
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import IntentResult, ScoredLabel, SessionState
+from coact.graphs.policy.policy import Policy
+from coact.graphs.policy.simulator import (
     ACT_NAMES,
     GOAL_KINDS,
     USER_KINDS,
@@ -72,7 +74,7 @@ def models(models_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bank(models: Path) -> UtteranceBank:
-    return UtteranceBank.build(models, PACK)  # cached under <models>/cache after the first build
+    return build_bank(models, PACK)  # cached under <models>/cache after the first build
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def same(a: SimulationResult, b: SimulationResult) -> bool:
 
 # ------------------------------------------------------------------------------------ the bank
 def test_bank_is_cached_and_held_out(models: Path, bank: UtteranceBank) -> None:
-    path = UtteranceBank.cache_path(models, PACK)
+    path = bank_cache_path(models, PACK)
     assert path.is_file()
     again = UtteranceBank.load(path)
     assert np.array_equal(again.intent_probs, bank.intent_probs) and list(again.texts) == list(bank.texts)
@@ -99,7 +101,7 @@ def test_bank_is_cached_and_held_out(models: Path, bank: UtteranceBank) -> None:
     assert bank.acts.shape == (len(bank), len(ACT_NAMES)) and bank.content.shape == (len(bank),)
     assert len(bank.part_texts) > 0 and bank.title_probs.shape[0] == len(PACK.intents)
     # The prior on the wire is the one the Reasoner sends (the heads' effective prior).
-    from actors.models import FindingHeads
+    from coact.actors.models import FindingHeads
 
     assert np.allclose(bank.finding_prior, FindingHeads(models / "findings").effective_prior)
     tune_half, eval_half = bank.split(0.5, seed=0)
@@ -178,8 +180,8 @@ def test_stratum_users_are_the_conditional_distribution(sim: Simulator) -> None:
 
 
 def test_sampled_codes_follow_the_network(sim: Simulator) -> None:
-    from graphs.bayesnet import sample
-    from graphs.simulator import seeded_rng
+    from coact.graphs.policy.bayesnet import sample
+    from coact.graphs.policy.simulator import seeded_rng
 
     codes = sim.sample_codes(seeded_rng(0, "x"), 50)
     joint = sample(sim.net, seeded_rng(0, "x"), 50)
@@ -313,7 +315,7 @@ def intent(dist: dict[str, float], content: float = 1.0, **acts: float) -> Inten
 
 
 def say(agent: RasaAgent, state, result: IntentResult) -> Reply:
-    from actors.schemas import ReasonerResult
+    from coact.graphs.policy.messages import ReasonerResult
 
     return agent.turn(state, Message("…", result, ReasonerResult(findings={}, finding_prior={}, passages=[],
                                                                      model_version="t")))
@@ -367,7 +369,7 @@ def test_rasa_runs_on_the_same_users(sim: Simulator) -> None:
 
 # ------------------------------------------------------------------------------------ over-asking
 def test_over_asking_on_a_tiny_bank() -> None:
-    from cluster.jobs.over_asking import confident_rows, format_report, over_asking
+    from coact.cluster.jobs.over_asking import confident_rows, format_report, over_asking
 
     unauthorised = {i: {"f_unauthorised": 0.99, "f_urgent": 0.9} for i in range(0, 6)}
     bank = synthetic_bank(p=0.9, per_goal=2, findings=unauthorised, second={1: ("card_linking", 0.9)})
@@ -388,7 +390,7 @@ def test_over_asking_on_a_tiny_bank() -> None:
 
 # ------------------------------------------------------------------------------------ jobs
 def test_compare_policies_tables(sim: Simulator, bank: UtteranceBank) -> None:
-    from cluster.jobs.compare_policies import markdown_tables, run_agents
+    from coact.cluster.jobs.compare_policies import markdown_tables, run_agents
 
     runs = run_agents(PACK, bank, {"question_cost": 2.0}, dialogues=120, risk_dialogues=30, seed=1)
     assert set(runs) == {"voi", "tuned", "rasa", "oracle"}
@@ -400,7 +402,7 @@ def test_compare_policies_tables(sim: Simulator, bank: UtteranceBank) -> None:
 def test_smoke_tune_writes_artefacts(tmp_path: Path, models: Path) -> None:
     import ray
 
-    from cluster.jobs.tune_policy import main
+    from coact.cluster.jobs.tune_policy import main
 
     was_running = ray.is_initialized()
     out = tmp_path / "tune"
@@ -443,7 +445,7 @@ def _trial(trial: int, objective: float, success: float, turns: float, at_risk: 
 
 
 def test_selection_protects_at_risk_and_out_of_scope_success() -> None:
-    from cluster.jobs.tune_policy import (
+    from coact.cluster.jobs.tune_policy import (
         SEARCH_SPACE,
         TOLERANCE_SE,
         best_row,
@@ -499,7 +501,7 @@ def test_selection_protects_at_risk_and_out_of_scope_success() -> None:
 
 
 def test_trial_metrics_pool_the_stratum_per_kind_only(sim: Simulator) -> None:
-    from cluster.jobs.tune_policy import Runs, trial_metrics
+    from coact.cluster.jobs.tune_policy import Runs, trial_metrics
 
     agent = PolicyAgent(PACK)
     runs = Runs(sim.run(agent, n=300, seed=1), sim.run(agent, n=100, seed=1, kind="at_risk"))

@@ -113,9 +113,9 @@ def _request(message: str = "Where is my new card?"):
     """A real ResponderRequest, built by the graph's own stages for `message`."""
     from ray import serve
 
-    from actors.schemas import DecisionRequest, IntentRequest, ResponderRequest, SessionState
-    from graphs.dialogue import plan_turn, reply_template
-    from graphs.domain import load_pack
+    from coact.graphs.policy.dialogue import plan_turn, reply_template
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.messages import DecisionRequest, IntentRequest, ResponderRequest, SessionState
 
     pack = load_pack("banking")
     intent = serve.get_deployment_handle("IntentActor", app_name="coact").remote(IntentRequest(message=message)).result()
@@ -161,7 +161,7 @@ def test_handle_stream_cancel_stops_generation(app_url: str) -> None:
 
 
 def _decision(action: str = "answer:card_arrival", kind: str = "answer"):
-    from actors.schemas import DecisionResult
+    from coact.graphs.policy.messages import DecisionResult
 
     return DecisionResult(action=action, kind=kind, target="card_arrival", expected_utility={},
                           value_of_information={}, posterior={}, explanation=[], reason="test", domain_version="t")
@@ -169,7 +169,7 @@ def _decision(action: str = "answer:card_arrival", kind: str = "answer"):
 
 def _feed(pieces: list[str], message: str = "my card has not arrived", template: str = "Cards arrive in days.",
           prefix: str = "I'm"):
-    from actors.guard import OpenerStream
+    from coact.actors.guard import OpenerStream
 
     guard = OpenerStream(_decision(), [], grounding=f"{message} {template}", prefix=prefix)
     sent = [guard.feed("")]
@@ -193,7 +193,7 @@ def test_opener_stream_withholds_the_offending_piece() -> None:
 
 
 def test_opener_stream_judges_a_word_only_once_complete() -> None:
-    from actors.guard import check_partial_opener
+    from coact.actors.guard import check_partial_opener
 
     d = _decision()
     # "arr" could still become "arrived" (grounded): not judged yet; "arrzz " is complete and ungrounded.
@@ -204,8 +204,8 @@ def test_opener_stream_judges_a_word_only_once_complete() -> None:
 def test_stream_reply_replaces_and_stops_generation_on_a_violation() -> None:
     import asyncio
 
-    from actors.generation import stream_reply
-    from actors.schemas import ResponderRequest
+    from coact.actors.generation import stream_reply
+    from coact.graphs.policy.messages import ResponderRequest
 
     closed = []
 

@@ -29,7 +29,7 @@ def vllm_url(models_dir: Path, ray_cluster: None, request: pytest.FixtureRequest
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from cluster.local import deploy
+    from coact.cluster.local import deploy
 
     # Serve has one HTTP port per cluster: when this session also runs tests on the transformers app,
     # start that one first (it picks the port) and serve this app beside it, on another route.
@@ -64,9 +64,9 @@ def chat(url: str, message: str, session_id: str | None = None) -> dict:
 def _request(message: str = "Where is my new card?"):
     from ray import serve
 
-    from actors.schemas import DecisionRequest, IntentRequest, ResponderRequest, SessionState
-    from graphs.dialogue import plan_turn, reply_template
-    from graphs.domain import load_pack
+    from coact.graphs.policy.dialogue import plan_turn, reply_template
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.messages import DecisionRequest, IntentRequest, ResponderRequest, SessionState
 
     pack = load_pack("banking")
     intent = serve.get_deployment_handle("IntentActor", app_name=APP).remote(IntentRequest(message=message)).result()

@@ -6,7 +6,7 @@ Node types: the head (CPU only), CPU workers and GPU workers that declare logica
 application (Reasoner and Responder ask `num_gpus`, both autoscale) is deployed, closed-loop HTTP load is
 driven, and a sampler records replicas per deployment, nodes per type, requests in flight and latency.
 
-    python -m cluster.experiments.autoscaling --quick --out results/autoscaling/quick
+    python -m coact.cluster.experiments.autoscaling --quick --out results/autoscaling/quick
 
 Everything started here is stopped by PID (never `ray stop`): the head's `ray start --block` process
 group, then any process left whose command line names this run's private temp folder.
@@ -466,7 +466,7 @@ def app_config(port: int, args: argparse.Namespace) -> dict:
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "graphs.app:build_app",
+            "name": APP, "route_prefix": "/", "import_path": "coact.graphs.serving.app:build_app",
             "args": {"models": str(REPO / "models"), "generate": args.max_new_tokens > 0,
                      "max_new_tokens": max(1, args.max_new_tokens), "reasoner_num_gpus": 1, "responder_num_gpus": 1,
                      "encoder_threads": 1},

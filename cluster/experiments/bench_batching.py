@@ -1,7 +1,7 @@
 """Dynamic batching: ReasonerActor and ResponderActor throughput at concurrency 32, batching on vs off.
 
-    python -m cluster.experiments.bench_batching [--json results/bench/batching.json]
-    python -m cluster.experiments.bench_batching --quick
+    python -m coact.cluster.experiments.bench_batching [--json results/bench/batching.json]
+    python -m coact.cluster.experiments.bench_batching --quick
 
 Each deployment runs alone (one replica, the app's resources, the same torch threads either way; the
 generation timeout raised so that no reply falls back to the template) and is called through its Serve
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ray import serve
 
-from cluster.experiments.bench_overhead import TimedReasoner, TimedResponder
+from coact.cluster.experiments.bench_overhead import TimedReasoner, TimedResponder
 
 SETTINGS = {
     "reasoner": {"on": {"max_batch_size": 32, "batch_wait_s": 0.01}, "off": {"max_batch_size": 1, "batch_wait_s": 0.0}},
@@ -34,9 +34,10 @@ SETTINGS = {
 
 def responder_requests(messages: list[str]) -> list:
     """Real ResponderRequests: the policy's decision on a typical first turn, and the domain's template."""
-    from actors.schemas import ResponderRequest, SessionEvidence
-    from graphs.dialogue import Policy, reply_template
-    from graphs.domain import load_pack
+    from coact.graphs.policy.dialogue import reply_template
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.messages import ResponderRequest, SessionEvidence
+    from coact.graphs.policy.policy import Policy
 
     pack = load_pack("banking")
     decision = Policy(pack).decide(SessionEvidence())
@@ -125,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reasoner_requests, args.responder_requests, args.max_new_tokens, args.rounds = 128, 8, 8, 1
 
-    from cluster.experiments.loadgen import opening_messages
-    from cluster.experiments.machine import facts
-    from cluster.experiments.sweep import start_ray, stop_ray
-    from cluster.prepare import ensure_models
+    from coact.cluster.experiments.loadgen import opening_messages
+    from coact.cluster.experiments.machine import facts
+    from coact.cluster.experiments.sweep import start_ray, stop_ray
+    from coact.cluster.prepare import ensure_models
 
     models = str(ensure_models())
     started, tmp = start_ray(4)

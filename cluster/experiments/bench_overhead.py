@@ -1,7 +1,7 @@
 """Graph overhead per hop: the real graph against a no-op four-deployment chain, deployed in the same run.
 
-    python -m cluster.experiments.bench_overhead [--turns 30] [--json results/bench/overhead.json]
-    python -m cluster.experiments.bench_overhead --quick
+    python -m coact.cluster.experiments.bench_overhead [--turns 30] [--json results/bench/overhead.json]
+    python -m coact.cluster.experiments.bench_overhead --quick
 
 Two apps side by side on one private Ray, driven alternately at concurrency 1 over HTTP:
 - the real graph: the real ChatIngress and turn function (graphs.pipeline.run_turn) over subclasses of
@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 from ray import serve
 
-from actors.decision import DecisionActor
-from actors.intent import IntentActor
-from actors.reasoner import ReasonerActor
-from actors.responder import ResponderActor
+from coact.actors.decision import DecisionActor
+from coact.actors.intent import IntentActor
+from coact.actors.reasoner import ReasonerActor
+from coact.actors.responder import ResponderActor
 
 HOPS = ("intent", "reasoner", "decision", "responder")
 
@@ -136,7 +136,7 @@ class TimedResponder(ResponderActor.func_or_class, _Timed):
 
 
 def timed_app(models: str, max_new_tokens: int, batching: bool):
-    from graphs.ingress import ChatIngress
+    from coact.graphs.serving.ingress import ChatIngress
 
     b = {} if batching else {"max_batch_size": 1, "batch_wait_s": 0.0}
     intent = serve.deployment(TimedIntent, name="IntentActor", ray_actor_options={"num_cpus": 0.25}).bind(
@@ -257,7 +257,7 @@ def analyse(real: list[dict], noop: list[dict], stats: dict[str, dict]) -> dict:
 
 
 def run_once(models: str, max_new_tokens: int, batching: bool, messages: list[str], port: int) -> dict:
-    from cluster.local import wait_healthy
+    from coact.cluster.local import wait_healthy
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(timed_app(models, max_new_tokens, batching), name="bench-real", route_prefix="/real")
@@ -297,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="6 turns, batching on only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from cluster.experiments.loadgen import opening_messages
-    from cluster.experiments.machine import facts
-    from cluster.experiments.sweep import start_ray, stop_ray
-    from cluster.prepare import ensure_models
+    from coact.cluster.experiments.loadgen import opening_messages
+    from coact.cluster.experiments.machine import facts
+    from coact.cluster.experiments.sweep import start_ray, stop_ray
+    from coact.cluster.prepare import ensure_models
 
     turns = 6 if args.quick else args.turns
     messages = opening_messages(turns + 2, seed=3)

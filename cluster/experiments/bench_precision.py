@@ -1,7 +1,7 @@
 """Precision and threads: encoder and LM in fp32 vs int8 / bf16, and intra-op threads, side by side in one run.
 
-    python -m cluster.experiments.bench_precision [--texts 300] [--prompts 8] [--json results/bench/precision.json]
-    python -m cluster.experiments.bench_precision --quick
+    python -m coact.cluster.experiments.bench_precision [--texts 300] [--prompts 8] [--json results/bench/precision.json]
+    python -m coact.cluster.experiments.bench_precision --quick
 
 In this process (no Ray): the MiniLM encoder (+ the intent head) on a seeded BANKING77 test subset —
 accuracy, argmax agreement with fp32, ms per sentence alone and per batch of 32 — and SmolLM2 greedy
@@ -34,7 +34,7 @@ def _timed(fn, repeats: int) -> float:
 def encoder_variants(models: Path, texts: list[str], labels: list[str], threads: list[int], repeats: int) -> list[dict]:
     import torch
 
-    from actors.models import IntentClassifier, TextEncoder
+    from coact.actors.models import IntentClassifier, TextEncoder
 
     head = IntentClassifier(models / "intent")
     rows, reference = [], None
@@ -59,8 +59,8 @@ def encoder_variants(models: Path, texts: list[str], labels: list[str], threads:
 def lm_variants(models: Path, prompts: list[str], max_new_tokens: int, threads: list[int]) -> list[dict]:
     import torch
 
-    from actors.generation import GenerationSettings, generate_batch
-    from actors.models import load_lm
+    from coact.actors.generation import GenerationSettings, generate_batch
+    from coact.actors.models import load_lm
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, timeout_s=600)
     rows, reference = [], None
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.texts, args.prompts, args.max_new_tokens, args.threads, args.repeats = 40, 2, 6, [1], 1
 
-    from cluster.datasets import load_banking77
-    from cluster.experiments.bench_batching import responder_requests
-    from cluster.experiments.machine import facts
-    from cluster.local import quiet_env
-    from cluster.prepare import ensure_models
+    from coact.cluster.datasets import load_banking77
+    from coact.cluster.experiments.bench_batching import responder_requests
+    from coact.cluster.experiments.machine import facts
+    from coact.cluster.local import quiet_env
+    from coact.cluster.prepare import ensure_models
 
     quiet_env()
     models = ensure_models()
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     texts, labels = [t for t, _ in sample], [y for _, y in sample]
     enc = encoder_variants(models, texts, labels, args.threads, args.repeats)
 
-    from actors.generation import build_prompt
-    from actors.models import load_lm
-    from graphs.domain import load_pack
+    from coact.actors.generation import build_prompt
+    from coact.actors.models import load_lm
+    from coact.graphs.policy.domain import load_pack
 
     tok, _ = load_lm(models / "lm")
     pack = load_pack("banking")

@@ -1,8 +1,8 @@
 """Capacity model: replicas, nodes and GPUs per deployment for a target load and p99 latency target.
 
-    python -m cluster.experiments.capacity --sessions 100 10000 1000000 --turn-every-s 30 --p99-s 8
-    python -m cluster.experiments.capacity --profile gpu-assumed --sessions 1000000 --p99-s 3
-    python -m cluster.experiments.capacity --fit results/experiments/sweep/<run>/points.csv --validate
+    python -m coact.cluster.experiments.capacity --sessions 100 10000 1000000 --turn-every-s 30 --p99-s 8
+    python -m coact.cluster.experiments.capacity --profile gpu-assumed --sessions 1000000 --p99-s 3
+    python -m coact.cluster.experiments.capacity --fit results/experiments/sweep/<run>/points.csv --validate
 
 Model (its assumptions, stated so they can be argued with):
 - Each stage has c replicas. A batch of b requests takes S(b) = s0 + s1 (b - 1) ms (a linear batching

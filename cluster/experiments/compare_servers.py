@@ -1,10 +1,10 @@
 """Turn latency of two running coact servers, measured side by side in one run.
 
-    python -m cluster.experiments.compare_servers --a http://127.0.0.1:8011 --b http://127.0.0.1:8000 \
+    python -m coact.cluster.experiments.compare_servers --a http://127.0.0.1:8011 --b http://127.0.0.1:8000 \
         [--concurrency 1 8] [--requests 24] [--rounds 2] [--json out.json]
 
 Used to compare a revision with its baseline: serve each from its own checkout (for the baseline,
-`git worktree add ../baseline <rev>` and `python -m cluster.cli serve --port 8011` there), then run
+`git worktree add ../baseline <rev>` and `python -m coact.cluster.cli serve --port 8011` there), then run
 this. The same BANKING77 test messages go to both, alternating A, B, A, B per concurrency level and
 round, so drift in a shared machine's load hits both sides alike. Printed: p50/p99 per side and the
 ratio B/A. Only the ratios mean anything; absolute numbers depend on the machine's other load.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from cluster.bench_graph import _drive, _percentile, graph_turn, messages
+from coact.cluster.bench_graph import _drive, _percentile, graph_turn, messages
 
 
 async def _level(url: str, msgs: list[str], concurrency: int) -> list[float]:

@@ -12,7 +12,7 @@ Recorded: every request's status code, Retry-After and latency; per fault, the r
 after it and how long until every deployment had its replicas RUNNING again; at the end, every
 conversation is read back from /v1/sessions and compared with the turns its client saw answered.
 
-    python -m cluster.experiments.faults --quick --out results/faults/quick
+    python -m coact.cluster.experiments.faults --quick --out results/faults/quick
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import ray
 
-from actors.session_store import HEAD_RESOURCE
-from cluster.experiments.autoscaling import (
+from coact.actors.session_store import HEAD_RESOURCE
+from coact.cluster.experiments.autoscaling import (
     APP,
     DEPLOYMENTS,
     GPU_DEPLOYMENTS,
@@ -99,7 +99,7 @@ def app_config(port: int, args: argparse.Namespace) -> dict:
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "graphs.app:build_app",
+            "name": APP, "route_prefix": "/", "import_path": "coact.graphs.serving.app:build_app",
             "args": {"models": str(REPO / "models"), "generate": args.max_new_tokens > 0,
                      "max_new_tokens": max(1, args.max_new_tokens), "reasoner_num_gpus": 1,
                      "responder_num_gpus": 1, "reasoner_replicas": 2, "responder_replicas": 2, "encoder_threads": 1},
@@ -137,13 +137,13 @@ def kill_replica(deployment: str) -> dict:
 
 
 def store_placement() -> dict:
-    from actors.session_store import STORE_NAME, STORE_NAMESPACE
+    from coact.actors.session_store import STORE_NAME, STORE_NAMESPACE
 
     return ray.get(ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE).placement.remote(), timeout=60)
 
 
 def kill_store() -> dict:
-    from actors.session_store import STORE_NAME, STORE_NAMESPACE
+    from coact.actors.session_store import STORE_NAME, STORE_NAMESPACE
 
     before = store_placement()
     # no_restart=False: the actor's own max_restarts brings it back, as after a crash of its process.

@@ -1,7 +1,7 @@
 """Load generator: realistic multi-turn sessions against the local app's public HTTP API.
 
-    python -m cluster.experiments.loadgen --url http://127.0.0.1:8000 --mode closed --concurrency 8 --duration 60
-    python -m cluster.experiments.loadgen --mode open --rate 0.5 --duration 60 --max-turns 200 --out results/x
+    python -m coact.cluster.experiments.loadgen --url http://127.0.0.1:8000 --mode closed --concurrency 8 --duration 60
+    python -m coact.cluster.experiments.loadgen --mode open --rate 0.5 --duration 60 --max-turns 200 --out results/x
 
 A session opens with a BANKING77 test message; when the policy asks a question the user answers it
 (yes/no), up to `--session-turns` turns; after a terminal action the user sometimes says "thanks".
@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
-from cluster.experiments.machine import CpuMeter, facts
+from coact.cluster.experiments.machine import CpuMeter, facts
 
 STAGES = ("session", "intent", "reasoner", "decision", "responder")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -87,7 +87,7 @@ def check_local(url: str) -> None:
 
 def opening_messages(n: int = 400, seed: int = 0) -> list[str]:
     """BANKING77 test texts (a seeded sample): the first message of each session."""
-    from cluster.datasets import load_banking77
+    from coact.cluster.datasets import load_banking77
 
     rows = load_banking77("test")
     rng = random.Random(seed)
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from cluster.local import quiet_env
+    from coact.cluster.local import quiet_env
 
     quiet_env()
     args = build_parser().parse_args(argv)

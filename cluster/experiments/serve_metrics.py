@@ -130,6 +130,6 @@ def per_deployment(before: Snapshot, after: Snapshot, application: str) -> dict[
     return out
 
 
-if __name__ == "__main__":  # `python -m cluster.experiments.serve_metrics`: the exports for a `ray start` head
+if __name__ == "__main__":  # `python -m coact.cluster.experiments.serve_metrics`: the exports for a `ray start` head
     for key, value in FINE_BUCKETS_ENV.items():
         print(f"export {key}={value}")

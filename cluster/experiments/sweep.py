@@ -1,9 +1,9 @@
 """Sweep: concurrency x replicas per deployment x @serve.batch settings, measured against a live local app.
 
-    python -m cluster.experiments.sweep --preset quick             # 1 config, concurrency 1 2, 4 s each (tests)
-    python -m cluster.experiments.sweep --preset batching          # batching off/on, concurrency 1 4 16, 20 s each
-    python -m cluster.experiments.sweep --preset default           # batching off/on x responder replicas 1/2
-    python -m cluster.experiments.sweep --url http://127.0.0.1:8000 --concurrency 1 4   # attach: no redeploy
+    python -m coact.cluster.experiments.sweep --preset quick             # 1 config, concurrency 1 2, 4 s each (tests)
+    python -m coact.cluster.experiments.sweep --preset batching          # batching off/on, concurrency 1 4 16, 20 s each
+    python -m coact.cluster.experiments.sweep --preset default           # batching off/on x responder replicas 1/2
+    python -m coact.cluster.experiments.sweep --url http://127.0.0.1:8000 --concurrency 1 4   # attach: no redeploy
 
 For every serving configuration the app is (re)deployed with `serve.run` of new args; for every
 concurrency the closed-loop load generator runs for `--duration` seconds. Per point it records
@@ -26,8 +26,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.experiments.loadgen import STAGES, LoadConfig, opening_messages, run_load, write_records
-from cluster.experiments.machine import facts, ray_cluster_root_pids
+from coact.cluster.experiments.loadgen import STAGES, LoadConfig, opening_messages, run_load, write_records
+from coact.cluster.experiments.machine import facts, ray_cluster_root_pids
 
 APP = "coact-sweep"
 STAGE_DEPLOYMENT = {"intent": "IntentActor", "reasoner": "ReasonerActor", "decision": "DecisionActor",
@@ -77,8 +77,8 @@ def start_ray(num_cpus: int | None = 4) -> tuple[bool, str | None]:
     """Attach (initialised / job) or start a private local Ray; (started_here, its temp dir)."""
     import ray
 
-    from cluster.jobs.common import inside_ray_job
-    from cluster.local import quiet_env
+    from coact.cluster.jobs.common import inside_ray_job
+    from coact.cluster.local import quiet_env
 
     quiet_env()
     if ray.is_initialized():
@@ -86,7 +86,7 @@ def start_ray(num_cpus: int | None = 4) -> tuple[bool, str | None]:
     if inside_ray_job():
         ray.init()
         return True, None
-    from cluster.experiments.serve_metrics import FINE_BUCKETS_ENV
+    from coact.cluster.experiments.serve_metrics import FINE_BUCKETS_ENV
 
     tmp = tempfile.mkdtemp(prefix="coact-exp-", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ.update(FINE_BUCKETS_ENV)  # inherited by the raylet and so by every replica it starts
@@ -110,7 +110,7 @@ def deploy_config(args: dict, port: int, name: str = APP, route_prefix: str = "/
 
     serve.run waits forever when replicas cannot be placed, so it runs in a thread with a deadline.
     """
-    from cluster.local import deploy
+    from coact.cluster.local import deploy
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(deploy, args, port=port, timeout_s=timeout_s, name=name, route_prefix=route_prefix)
@@ -146,7 +146,7 @@ def flatten(cfg: ServingConfig, load: dict, serve_stats: dict) -> dict:
 
 def run_point(url: str, cfg: ServingConfig, concurrency: int, duration: float, messages: list[str],
               port: int | None, app: str, seed: int, mode: str = "closed", rate: float = 1.0) -> tuple[dict, list]:
-    from cluster.experiments import serve_metrics as sm
+    from coact.cluster.experiments import serve_metrics as sm
 
     before = sm.scrape(port)
     load = run_load(LoadConfig(url=url, mode=mode, concurrency=concurrency, rate=rate, duration_s=duration,
@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.jobs.common import output_dir
+    from coact.cluster.jobs.common import output_dir
 
     args = parse_args(argv)
     preset = PRESETS[args.preset]
@@ -200,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from cluster.experiments.serve_metrics import metrics_port
+        from coact.cluster.experiments.serve_metrics import metrics_port
 
         mport = args.metrics_port or (metrics_port() if ray.is_initialized() else None)
         if args.url:
             runs = [(ServingConfig(), args.url.rstrip("/"), args.app_name or "coact")]
         else:
-            from cluster.prepare import ensure_models
+            from coact.cluster.prepare import ensure_models
 
             base = {"models": str(ensure_models()), "max_new_tokens": args.max_new_tokens}
             meta["base_args"] = base
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["facts_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     if not args.no_plots:
-        from cluster.experiments.plots import sweep_plots
+        from coact.cluster.experiments.plots import sweep_plots
 
         for p in sweep_plots(out / "points.csv", out / "plots"):
             print("[sweep] plot", p)

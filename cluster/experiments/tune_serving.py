@@ -1,7 +1,7 @@
 """Ray Tune over the serving configuration: maximise throughput subject to a p99 latency target.
 
-    python -m cluster.experiments.tune_serving --quick                  # 2 trials, a few seconds of load each
-    python -m cluster.experiments.tune_serving --num-samples 12 --p99-s 20 --concurrency 8 --duration 30
+    python -m coact.cluster.experiments.tune_serving --quick                  # 2 trials, a few seconds of load each
+    python -m coact.cluster.experiments.tune_serving --num-samples 12 --p99-s 20 --concurrency 8 --duration 30
 
 Searched: batch size and batch wait of ReasonerActor and ResponderActor, replicas of each, within a
 logical-CPU budget (a configuration over budget is reported infeasible without deploying). Trials run
@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.experiments.machine import facts
-from cluster.experiments.sweep import ServingConfig, deploy_config, start_ray, stop_ray
+from coact.cluster.experiments.machine import facts
+from coact.cluster.experiments.sweep import ServingConfig, deploy_config, start_ray, stop_ray
 
 APP = "coact-tune"
 ROUTE = "/tune"
@@ -51,7 +51,7 @@ def score(throughput: float, p99_s: float, target_s: float, errors: int) -> floa
 def trial(config: dict, *, base_args: dict, port: int, load: dict, p99_s: float, cpu_budget: float) -> None:
     from ray import tune
 
-    from cluster.experiments.loadgen import LoadConfig, run_load
+    from coact.cluster.experiments.loadgen import LoadConfig, run_load
 
     cfg = ServingConfig(**{k: config[k] for k in KNOBS if k in config})
     if cfg.cpus() > cpu_budget:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     import ray
     from ray import serve, tune
 
-    from cluster.prepare import ensure_models
+    from coact.cluster.prepare import ensure_models
 
     base = {"models": str(ensure_models()), "max_new_tokens": args.max_new_tokens}
     # Serve's controller must exist before the trials: created from inside a trial it would be placed in the
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.jobs.common import output_dir
+    from coact.cluster.jobs.common import output_dir
 
     args = parse_args(argv)
     out = output_dir("experiments/tune_serving", args.output)

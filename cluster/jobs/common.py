@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.local import quiet_env  # noqa: F401 - re-exported for the jobs
+from coact.cluster.local import quiet_env  # noqa: F401 - re-exported for the jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,8 +199,8 @@ def per_class(idx: np.ndarray, y: np.ndarray, k: int | None, seed: int) -> np.nd
 
 def intent_labels(domain: str = "banking") -> tuple[list[str], str]:
     """(the 77 BANKING77 intents + the pack's out-of-scope label, that label)."""
-    from cluster import datasets as D
-    from graphs.domain import load_pack
+    from coact.cluster import datasets as D
+    from coact.graphs.policy.domain import load_pack
 
     oos = load_pack(domain).out_of_scope_label
     return D.banking77_labels() + [oos], oos
@@ -210,8 +210,8 @@ def load_intent_data(domain: str = "banking") -> IntentData:
     """The training set and stratified train/validation split of ``cluster.prepare`` (same seed and order)."""
     from sklearn.model_selection import train_test_split
 
-    from cluster import datasets as D
-    from cluster import prepare as P
+    from coact.cluster import datasets as D
+    from coact.cluster import prepare as P
 
     labels, oos_label = intent_labels(domain)
     index = {label: i for i, label in enumerate(labels)}
@@ -239,7 +239,7 @@ def load_test_data(labels: list[str], limit: int | None = None, oos_limit: int |
     ``limit``/``oos_limit``: a seeded stratified sample of that many in-scope / out-of-scope queries
     (quick runs); None means the full splits (3,080 and 1,000).
     """
-    from cluster import datasets as D
+    from coact.cluster import datasets as D
 
     index = {label: i for i, label in enumerate(labels)}
     test = D.load_banking77("test")
@@ -262,13 +262,13 @@ _ENCODERS: dict[tuple[str, int], Any] = {}
 
 
 def encoder_fingerprint() -> str:
-    from actors import models as M
+    from coact.actors import models as M
 
     return M.folder_fingerprint(M.minilm_path())
 
 
 def cache_dir(models: str | Path | None = None) -> Path:
-    from actors import models as M
+    from coact.actors import models as M
 
     return (Path(models) if models is not None else M.models_dir()) / "cache"
 
@@ -281,8 +281,8 @@ def cached_embeddings(name: str, texts: list[str], max_length: int = 64, models:
     ``coact prepare`` computed at max length 64 are found again under their names ('banking77-train',
     'oos-train', 'banking77-test', 'clinc-oos-test'). Other lengths get an ``-L<n>`` name suffix.
     """
-    from actors import models as M
-    from cluster import prepare as P
+    from coact.actors import models as M
+    from coact.cluster import prepare as P
 
     texts = [str(t) for t in texts]
     fp = encoder_fingerprint()
@@ -326,14 +326,14 @@ def utterance_bank(domain: str, models_dir: Path | None) -> tuple[Any, Any, Path
     """The domain pack, the simulator's utterance bank for it and the models folder (built if needed)."""
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
-    from graphs.domain import load_pack
-    from graphs.simulator import UtteranceBank
+    from coact.cluster.bank import build_bank
+    from coact.graphs.policy.domain import load_pack
 
     pack = load_pack(domain)
     if models_dir is not None:
         models = Path(models_dir).expanduser().resolve()
     else:
-        from cluster.prepare import ensure_models
+        from coact.cluster.prepare import ensure_models
 
         models = ensure_models(domain)
-    return pack, UtteranceBank.build(models, pack), models
+    return pack, build_bank(models, pack), models

@@ -13,8 +13,8 @@ half ``tune_policy`` never tunes on):
 Prints (and writes with ``--output``) markdown tables: success, turns, escalations and regret overall, per user
 kind and per goal kind, and the paired differences of each agent with the VOI policy.
 
-    python -m cluster.jobs.compare_policies --weights results/tune_policy/<run>/best_weights.json
-    python -m cluster.jobs.compare_policies --dialogues 3000 --risk-dialogues 1000 --output docs/compare.md
+    python -m coact.cluster.jobs.compare_policies --weights results/tune_policy/<run>/best_weights.json
+    python -m coact.cluster.jobs.compare_policies --dialogues 3000 --risk-dialogues 1000 --output docs/compare.md
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def run_agents(pack: Any, bank: Any, tuned: Mapping[str, float] | None, dialogue
                seed: int = 0, stream: str = "compare", max_turns: int | None = None,
                agents: tuple[str, ...] = AGENTS) -> dict[str, Any]:
     """Each agent's ``Runs`` (natural mix + at-risk stratum) on the same users."""
-    from cluster.jobs.tune_policy import STRATUM_KIND, Runs
-    from graphs.baselines import RasaAgent
-    from graphs.simulator import DEFAULT_MAX_TURNS, OracleAgent, PolicyAgent, Simulator
+    from coact.cluster.jobs.tune_policy import STRATUM_KIND, Runs
+    from coact.graphs.policy.baselines import RasaAgent
+    from coact.graphs.policy.simulator import DEFAULT_MAX_TURNS, OracleAgent, PolicyAgent, Simulator
 
     sim = Simulator(pack, bank, max_turns=max_turns or DEFAULT_MAX_TURNS)
     users = sim.users(dialogues, seed, stream=stream)
@@ -67,7 +67,7 @@ def _cell(s: Mapping[str, float], key: str, fmt: str) -> str:
 def markdown_tables(runs: Mapping[str, Any]) -> str:
     """Overall, per user kind (natural mix) and per goal kind (natural mix + at-risk stratum), and paired
     differences with the VOI policy."""
-    from graphs.simulator import GOAL_KINDS, USER_KINDS, paired_difference
+    from coact.graphs.policy.simulator import GOAL_KINDS, USER_KINDS, paired_difference
 
     names = list(runs)
     lines = ["| agent | n | success | turns | escalations | questions / conv. | regret |",
@@ -114,8 +114,8 @@ def finding_weight_table(pack: Any, bank: Any, weights: list[float], dialogues: 
                          seed: int = 0, over_bank: Any = None) -> tuple[str, dict[str, Any]]:
     """The VOI policy at each ``dialogue.finding_weight``: success, at-risk success, turns, regret on the same
     users, and over-asking on ``over_bank`` (the whole bank's BANKING77 test rows)."""
-    from cluster.jobs.over_asking import over_asking
-    from graphs.simulator import with_finding_weight
+    from coact.cluster.jobs.over_asking import over_asking
+    from coact.graphs.policy.simulator import with_finding_weight
 
     rows, out = [], {}
     for w in weights:
@@ -135,7 +135,7 @@ def finding_weight_table(pack: Any, bank: Any, weights: list[float], dialogues: 
 def tuned_weights(args: argparse.Namespace, models: Path) -> tuple[dict[str, float], str]:
     if args.weights is not None:
         return dict(json.loads(args.weights.read_text())["weights"]), str(args.weights)
-    from cluster.jobs import tune_policy
+    from coact.cluster.jobs import tune_policy
 
     out = Path(tempfile.mkdtemp(prefix="compare-tune-"))
     log(f"no --weights: a small tune_policy run into {out}")
@@ -148,7 +148,7 @@ def tuned_weights(args: argparse.Namespace, models: Path) -> tuple[dict[str, flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.compare_policies", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.compare_policies", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=None, help="best_weights.json of a tune_policy run "
                    "(default: run a small tune_policy first)")
     p.add_argument("--dialogues", type=int, default=3000, help="simulated users (natural mix)")
@@ -166,12 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.jobs.common import utterance_bank
-    from cluster.jobs.tune_policy import jsonable
+    from coact.cluster.jobs.common import utterance_bank
+    from coact.cluster.jobs.tune_policy import jsonable
 
     pack, bank, models = utterance_bank(args.domain, args.models_dir)
     _, bank_eval = bank.split(0.5, seed=args.seed)
-    command = "python -m cluster.jobs.compare_policies " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m coact.cluster.jobs.compare_policies " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.finding_weights:
         table, result = finding_weight_table(pack, bank_eval, args.finding_weights, args.dialogues,
                                              args.risk_dialogues, seed=args.seed, over_bank=bank)

@@ -14,8 +14,8 @@ Artefacts in ``--out`` (default ``results/evaluate/<timestamp>``): ``report.json
 (78-way, row-normalised, test + out-of-scope queries), ``reliability.png``, ``errors.csv`` (every misclassified
 query: in-scope queries predicted wrongly by the 78-way argmax, out-of-scope queries predicted in scope).
 
-    python -m cluster.jobs.evaluate --model models/intent
-    python -m cluster.jobs.evaluate --model models/intent-ft --out results/evaluate/ft
+    python -m coact.cluster.jobs.evaluate --model models/intent
+    python -m coact.cluster.jobs.evaluate --model models/intent-ft --out results/evaluate/ft
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.jobs import common as C
+from coact.cluster.jobs import common as C
 
 JOB = "evaluate"
 log = C.logger(JOB)
@@ -155,7 +155,7 @@ def evaluate(model_path: str | Path, out: str | Path | None = None, limit: int |
         precision_recall_fscore_support,
     )
 
-    from actors.intent_models import load_intent_model
+    from coact.actors.intent_models import load_intent_model
 
     C.quiet_env()
     timer = C.Timer()
@@ -272,7 +272,7 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="model folder (default <models>/intent)")
     p.add_argument("--out", "--output", dest="out", type=Path, default=None,
                    help="artefact folder (default results/evaluate/<timestamp>)")
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if args.model is None:
-        from actors import models as M
+        from coact.actors import models as M
 
         args.model = M.intent_path()
     report = evaluate(args.model, args.out, limit=args.limit, oos_limit=args.oos_limit, seed=args.seed,

@@ -6,7 +6,7 @@ turn of a fresh session goes through the served turn logic (``plan_turn`` -> ``P
 needs no clarification: the share whose decision is a question or a hand-over is *over-asking*. Printed
 overall, by decision (which question, escalate), and by the intents that get asked; written as JSON.
 
-    python -m cluster.jobs.over_asking [--models-dir models] [--output over_asking.json]
+    python -m coact.cluster.jobs.over_asking [--models-dir models] [--output over_asking.json]
         [--finding-weight 0.5] [--weights best_weights.json] [--min-p 0.8]
 
 At-risk goals (lost card, unrecognised payment, ...) are among them: a question there may be worth its
@@ -42,7 +42,7 @@ def over_asking(pack: Any, bank: Any, weights: Mapping[str, float] | None = None
                 rows: list[int] | None = None, top: int = 15) -> dict[str, Any]:
     """The share of confident, correct first messages (``confident_rows``) whose first decision on a fresh
     session is a question or a hand-over, with its breakdowns."""
-    from graphs.simulator import PolicyAgent, Simulator
+    from coact.graphs.policy.simulator import PolicyAgent, Simulator
 
     sim = Simulator(pack, bank)
     agent = PolicyAgent(pack, weights)
@@ -85,7 +85,7 @@ def format_report(result: Mapping[str, Any], title: str = "") -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.over_asking", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.over_asking", description=__doc__.split("\n\n")[0])
     p.add_argument("--models-dir", type=Path, default=None,
                    help="models folder (default: $COACT_MODELS_DIR or <repo>/models, built if missing)")
     p.add_argument("--domain", default="banking")
@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.jobs.common import utterance_bank
-    from graphs.simulator import with_finding_weight
+    from coact.cluster.jobs.common import utterance_bank
+    from coact.graphs.policy.simulator import with_finding_weight
 
     pack, bank, models = utterance_bank(args.domain, args.models_dir)
     weights = json.loads(args.weights.read_text())["weights"] if args.weights else None

@@ -1,6 +1,6 @@
 """Run the multi-turn test dialogues (Rasa-style test stories) against a running app over HTTP.
 
-    python -m cluster.jobs.test_dialogues --url http://127.0.0.1:8000 [--file F] [--out DIR]
+    python -m coact.cluster.jobs.test_dialogues --url http://127.0.0.1:8000 [--file F] [--out DIR]
         [--concurrency N] [--category C] [--name N] [--min-pass 0.95] [--min-category 0.85]
 
 Each dialogue is sent turn by turn to ``POST {url}/v1/chat`` (the first turn opens a session, the
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO / "cluster" / "dialogues" / "banking.yaml"
-DOMAINS_DIR = REPO / "graphs" / "domains"
+DOMAINS_DIR = REPO / "graphs" / "policy" / "domains"
 DEFAULT_OUT = Path("dialogue-report")
 REQUEST_TIMEOUT_S = 180.0
 BODY_EXCERPT = 500

@@ -27,9 +27,9 @@ Artefacts in ``--output`` (default ``results/train_intent/<timestamp>``): ``mode
 finding heads (class-balanced logistic heads on MiniLM embeddings, ``actors.models.FindingHeads`` format)
 into ``<output>/findings`` (``--only-findings``: only those).
 
-    python -m cluster.jobs.train_intent --model-out models/intent-ft            # the real run
-    python -m cluster.jobs.train_intent --train-per-class 4 --val-per-class 2 --epochs 1 --max-length 16 --no-test
-    python -m cluster.jobs.train_intent --mode frozen --epochs 5
+    python -m coact.cluster.jobs.train_intent --model-out models/intent-ft            # the real run
+    python -m coact.cluster.jobs.train_intent --train-per-class 4 --val-per-class 2 --epochs 1 --max-length 16 --no-test
+    python -m coact.cluster.jobs.train_intent --mode frozen --epochs 5
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.jobs import common as C
+from coact.cluster.jobs import common as C
 
 JOB = "train_intent"
 log = C.logger(JOB)
@@ -109,7 +109,7 @@ def val_metrics(logits: np.ndarray, y: np.ndarray, num_labels: int) -> dict[str,
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    from cluster.prepare import fit_temperature as fit
+    from coact.cluster.prepare import fit_temperature as fit
 
     return fit(logits.astype(np.float64), y)
 
@@ -184,8 +184,8 @@ def resolve_init_head(cfg: TrainConfig, data: C.IntentData) -> Path | str | None
         return None
     if cfg.init_head == PROBE:
         return PROBE
-    from actors import models as M
-    from cluster import prepare as P
+    from coact.actors import models as M
+    from coact.cluster import prepare as P
 
     if cfg.init_head == "auto":
         path = M.intent_path()
@@ -211,8 +211,8 @@ def new_network(cfg: TrainConfig, data: C.IntentData, X: np.ndarray | None = Non
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from actors import models as M
-    from actors.intent_models import mean_pooling_classifier_class, wrap_sequence_classifier
+    from coact.actors import models as M
+    from coact.actors.intent_models import mean_pooling_classifier_class, wrap_sequence_classifier
 
     base = str(M.minilm_path())
     labels = data.labels
@@ -249,7 +249,7 @@ def new_network(cfg: TrainConfig, data: C.IntentData, X: np.ndarray | None = Non
 # ---------------------------------------------------------------- saving
 
 def _finish_meta(folder: Path, weight_files: list[Path], meta: dict[str, Any]) -> dict[str, Any]:
-    from cluster import prepare as P
+    from coact.cluster import prepare as P
 
     meta["version"] = P._content_version(weight_files, meta)
     C.write_json(folder / "meta.json", meta)
@@ -261,8 +261,8 @@ def save_sequence_model(net, tokenizer, folder: Path, cfg: TrainConfig, data: C.
     """Write a ``sequence_classification`` folder that ``actors.intent_models`` loads."""
     from safetensors.torch import save_file
 
-    from actors import models as M
-    from actors.intent_models import CLASSIFIER_FILE, SEQUENCE_CLASSIFICATION
+    from coact.actors import models as M
+    from coact.actors.intent_models import CLASSIFIER_FILE, SEQUENCE_CLASSIFICATION
 
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.pooling == "mean":
@@ -294,9 +294,9 @@ def save_sequence_model(net, tokenizer, folder: Path, cfg: TrainConfig, data: C.
 def save_linear_head(W: np.ndarray, b: np.ndarray, folder: Path, cfg: TrainConfig, data: C.IntentData,
                      temperature: float, extra: dict[str, Any]) -> dict[str, Any]:
     """Write a ``linear_head`` folder (``models/intent`` format) that ``actors.models.IntentClassifier`` loads."""
-    from actors import models as M
-    from actors.intent_models import LINEAR_HEAD
-    from cluster import prepare as P
+    from coact.actors import models as M
+    from coact.actors.intent_models import LINEAR_HEAD
+    from coact.cluster import prepare as P
 
     folder.mkdir(parents=True, exist_ok=True)
     P._save_tensors({"weight": W, "bias": b}, folder / "head.safetensors")
@@ -329,7 +329,7 @@ def train_full(data: C.IntentData, cfg: TrainConfig, on_epoch: EpochCallback | N
     import torch
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-    from actors import models as M
+    from coact.actors import models as M
 
     C.seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(M.minilm_path()))
@@ -535,8 +535,8 @@ def train(data: C.IntentData, cfg: TrainConfig, model_out: Path, X: np.ndarray |
 def train_findings(out: Path, domain: str = "banking", models: Path | None = None) -> dict[str, Any]:
     """Retrain the reasoner's finding heads (``cluster.prepare``'s class-balanced logistic heads, C tuned on
     validation AUROC) into ``out`` (``actors.models.FindingHeads`` format); returns their metrics."""
-    from actors import models as M
-    from cluster import prepare as P
+    from coact.actors import models as M
+    from coact.cluster import prepare as P
 
     ctx = P._Ctx((models or M.models_dir()).resolve(), domain)
     built = P.build_findings(ctx, out)
@@ -547,7 +547,7 @@ def train_findings(out: Path, domain: str = "banking", models: Path | None = Non
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.train_intent", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.train_intent", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("full", "frozen"), default=d.mode)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (full fine-tuning)")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the frozen-mode head")
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     print("classification report (validation split, best epoch):")
     print(report_txt)
     if args.test:
-        from cluster.jobs import evaluate
+        from coact.cluster.jobs import evaluate
 
         limit = args.eval_limit
         rep = evaluate.evaluate(model_out, out / "evaluation", limit=limit,

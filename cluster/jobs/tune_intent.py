@@ -20,11 +20,11 @@ status, epochs, best and last validation metrics), ``learning_curves.csv``/``.js
 ``best_config.json``, ``best_model/`` (a folder ``actors.intent_models.load_intent_model`` loads),
 ``evaluation/`` (``cluster.jobs.evaluate`` on the best model) and Tune's own folder ``tune/``.
 
-    python -m cluster.jobs.tune_intent --smoke
-    python -m cluster.jobs.tune_intent --num-samples 8 --train-per-class 40
+    python -m coact.cluster.jobs.tune_intent --smoke
+    python -m coact.cluster.jobs.tune_intent --num-samples 8 --train-per-class 40
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json '{"env_vars": {"COACT_MODELS_DIR": "/abs/models"}}' \
-        -- python -m cluster.jobs.tune_intent --smoke --output /abs/results/tune_intent/job
+        -- python -m coact.cluster.jobs.tune_intent --smoke --output /abs/results/tune_intent/job
 
 Reproducibility: trial configurations (seeded search), data subsets and every trial's training are seeded, so
 each trial's metrics repeat; which trials ASHA stops depends on the order in which concurrent trials report,
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.jobs import common as C
-from cluster.jobs import train_intent as T
+from coact.cluster.jobs import common as C
+from coact.cluster.jobs import train_intent as T
 
 JOB = "tune_intent"
 log = C.logger(JOB)
@@ -198,7 +198,7 @@ def trial_tables(grid: Any, patience: int) -> tuple[list[dict[str, Any]], list[d
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.tune_intent", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.tune_intent", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {DEFAULTS['num_samples']})")
     p.add_argument("--train-per-class", type=int, default=None,
                    help="tune on at most N training examples per label (default: all)")
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {"tune": round(tune_s, 1)},
     }
     if args.eval:
-        from cluster.jobs import evaluate
+        from coact.cluster.jobs import evaluate
 
         rep = evaluate.evaluate(best_model, out / "evaluation", limit=args.eval_limit, oos_limit=args.oos_limit,
                                 progress=False)

@@ -50,9 +50,9 @@ and per goal kind ``<kind>_*``, its paired differences with the defaults ``*_dif
 it qualifies and why not), ``best_weights.json`` (``{"weights": {...}}``, usable as the
 DecisionActor's ``user_config``), ``comparison.json``, and Tune's own folder ``tune/``.
 
-    python -m cluster.jobs.tune_policy --num-samples 24 --dialogues 600
-    python -m cluster.jobs.tune_policy --smoke
-    ray job submit --working-dir . -- python -m cluster.jobs.tune_policy --output /abs/out --models-dir /abs/models
+    python -m coact.cluster.jobs.tune_policy --num-samples 24 --dialogues 600
+    python -m coact.cluster.jobs.tune_policy --smoke
+    ray job submit --working-dir . -- python -m coact.cluster.jobs.tune_policy --output /abs/out --models-dir /abs/models
 
 Under ``ray job submit`` the uploaded working directory does not carry the git-ignored ``models/`` and
 ``results/`` folders: pass ``--models-dir`` (or ``COACT_MODELS_DIR``) and an absolute ``--output`` (or
@@ -62,7 +62,7 @@ trials report, so only ``--max-concurrent 1`` makes the whole tuning run (which 
 (checked: two such runs give identical results.csv and comparison.json).
 
 Seen on the banking pack (2 shared cores), with the simulator's user kinds and the corrected finding prior:
-``python -m cluster.jobs.tune_policy --num-cpus 2`` (the defaults: 48 trials x (2000 + 600) conversations,
+``python -m coact.cluster.jobs.tune_policy --num-cpus 2`` (the defaults: 48 trials x (2000 + 600) conversations,
 11 min of tuning, 12 min in all) selected trial 33 of 13 qualifying; on 3000 fresh users + 1500 at-risk
 ones (paired, tuned - default): success 0.879 -> 0.885 (+0.0060, se 0.0021), turns 1.432 -> 1.416,
 escalations 9.9% -> 8.5%, regret -0.044 (se 0.020), out-of-scope success +0.025, but at-risk success
@@ -85,7 +85,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.jobs import common as C
+from coact.cluster.jobs import common as C
 
 TURN_PENALTY = 0.1
 ESCALATION_PENALTY = 0.5
@@ -188,7 +188,7 @@ class Runs:
 
     @property
     def pooled(self) -> Any:
-        from graphs.simulator import SimulationResult
+        from coact.graphs.policy.simulator import SimulationResult
 
         if self.stratum is None or len(self.stratum) == 0:
             return self.natural
@@ -200,7 +200,7 @@ class Runs:
 
     @staticmethod
     def concat(parts: list[Runs]) -> Runs:
-        from graphs.simulator import SimulationResult
+        from coact.graphs.policy.simulator import SimulationResult
 
         strata = [p.stratum for p in parts if p.stratum is not None]
         return Runs(SimulationResult.concat([p.natural for p in parts]),
@@ -217,7 +217,7 @@ def trial_metrics(result: Any, reference: Any) -> dict[str, float]:
     ``<kind>_<column>``, ``success_diff`` and ``<kind>_success_diff`` and ``<kind>_regret_diff`` with their
     standard errors (``*_se``), and the objective. Overall columns: the natural users; per-kind columns: the
     natural users and the stratum pooled."""
-    from graphs.simulator import paired_difference
+    from coact.graphs.policy.simulator import paired_difference
 
     result = result if isinstance(result, Runs) else Runs(result)
     reference = reference if isinstance(reference, Runs) else Runs(reference)
@@ -277,7 +277,7 @@ def chunk_plan(dialogues: int, risk_dialogues: int, chunks: int) -> list[tuple[i
 def run_chunks(pack: Any, bank: Any, weights: dict[str, float] | None, seed: int, dialogues: int, chunks: int,
                max_turns: int, risk_dialogues: int = 0) -> Runs:
     """The policy with ``weights`` (None: defaults) on all tuning chunks, concatenated in chunk order."""
-    from graphs.simulator import PolicyAgent, Simulator
+    from coact.graphs.policy.simulator import PolicyAgent, Simulator
 
     sim = Simulator(pack, bank, max_turns=max_turns)
     agent = PolicyAgent(pack, weights)
@@ -295,7 +295,7 @@ def tune_trial(config: dict[str, Any], bank: Any = None, pack: Any = None, seed:
     the same users, for the per-kind shortfall terms of the objective."""
     from ray import tune
 
-    from graphs.simulator import PolicyAgent, Simulator
+    from coact.graphs.policy.simulator import PolicyAgent, Simulator
 
     if reference is None:
         reference = run_chunks(pack, bank, None, seed, dialogues, chunks, max_turns, risk_dialogues)
@@ -366,7 +366,7 @@ def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Pat
 
 
 def trial_columns() -> list[str]:
-    from graphs.simulator import GOAL_KINDS
+    from coact.graphs.policy.simulator import GOAL_KINDS
 
     cols = [METRIC, *SUMMARY_COLUMNS, *OVERALL_DIFF_COLUMNS]
     for kind in GOAL_KINDS:
@@ -462,7 +462,7 @@ def held_out_checks(default: Runs, other: Runs) -> tuple[dict[str, bool], dict[s
     """The selection's bars applied to ``other`` vs ``default`` on the same (held-out) users, and the paired
     differences (other minus default) they read: overall (natural users) and per goal kind (pooled with
     the stratum)."""
-    from graphs.simulator import GOAL_KINDS, paired_difference
+    from coact.graphs.policy.simulator import GOAL_KINDS, paired_difference
 
     paired = {m: paired_difference(default.natural, other.natural, m)
               for m in ("success", "turns", "escalated", "regret")}
@@ -508,7 +508,7 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def format_kinds(reports: dict[str, dict[str, Any]]) -> str:
-    from graphs.simulator import GOAL_KINDS
+    from coact.graphs.policy.simulator import GOAL_KINDS
 
     lines = [f"{'kind':13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
     for kind in GOAL_KINDS:
@@ -522,7 +522,7 @@ def format_kinds(reports: dict[str, dict[str, Any]]) -> str:
 
 
 def format_user_kinds(reports: dict[str, dict[str, Any]]) -> str:
-    from graphs.simulator import USER_KINDS
+    from coact.graphs.policy.simulator import USER_KINDS
 
     lines = [f"{'user kind':13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
     for kind in USER_KINDS:
@@ -544,7 +544,7 @@ def describe(row: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.jobs.tune_policy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coact.cluster.jobs.tune_policy", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=None, help=f"Tune trials (default {DEFAULTS['num_samples']})")
     p.add_argument("--dialogues", type=int, default=None,
                    help=f"simulated conversations per trial (default {DEFAULTS['dialogues']})")
@@ -581,7 +581,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} must not be negative")
     args.chunks = min(args.chunks, args.dialogues)
     if args.max_turns is None:
-        from graphs.simulator import DEFAULT_MAX_TURNS
+        from coact.graphs.policy.simulator import DEFAULT_MAX_TURNS
 
         args.max_turns = DEFAULT_MAX_TURNS
     return args
@@ -599,19 +599,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log(f"artefacts will go to {out}")
 
-    from graphs.domain import load_pack
-    from graphs.simulator import OracleAgent, PolicyAgent, Simulator, UtteranceBank
+    from coact.cluster.bank import bank_cache_path, build_bank
+    from coact.graphs.policy.domain import load_pack
+    from coact.graphs.policy.simulator import OracleAgent, PolicyAgent, Simulator
 
     pack = load_pack(args.domain)
     if args.models_dir is not None:
         models = args.models_dir.expanduser().resolve()
     else:
-        from cluster.prepare import ensure_models
+        from coact.cluster.prepare import ensure_models
 
         models = ensure_models(args.domain)
     t0 = time.perf_counter()
-    bank = UtteranceBank.build(models, pack, log=log)
-    log(f"utterance bank: {len(bank)} held-out texts ({UtteranceBank.cache_path(models, pack)}, "
+    bank = build_bank(models, pack, log=log)
+    log(f"utterance bank: {len(bank)} held-out texts ({bank_cache_path(models, pack)}, "
         f"{time.perf_counter() - t0:.1f}s)")
     bank_tune, bank_eval = bank.split(0.5, seed=args.seed)
     log(f"tuning on {len(bank_tune)} texts, evaluating on the other {len(bank_eval)}")

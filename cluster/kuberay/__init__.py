@@ -1,6 +1,6 @@
 """The RayService manifest carries cluster/serve/gpu.yaml verbatim as its ``serveConfigV2``.
 
-``python -m cluster.kuberay --write`` copies gpu.yaml into the manifest (between its BEGIN/END markers);
+``python -m coact.cluster.kuberay --write`` copies gpu.yaml into the manifest (between its BEGIN/END markers);
 ``--check`` (and tests/test_configs.py) fail while the two differ.
 """
 
@@ -40,5 +40,5 @@ def main(argv: list[str] | None = None) -> int:
         MANIFEST.write_text(wanted)
         print(f"rewrote serveConfigV2 of {MANIFEST} from {SERVE_CONFIG}")
         return 0
-    print(f"{MANIFEST} differs from {SERVE_CONFIG}: run python -m cluster.kuberay --write")
+    print(f"{MANIFEST} differs from {SERVE_CONFIG}: run python -m coact.cluster.kuberay --write")
     return 1

@@ -1,3 +1,3 @@
-from cluster.kuberay import main
+from coact.cluster.kuberay import main
 
 raise SystemExit(main())

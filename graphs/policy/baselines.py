@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from graphs.dialogue import SOCIAL_ACTS, acts_of, has_content
-from graphs.domain import DomainPack
-from graphs.simulator import Message, Reply
+from coact.graphs.policy.dialogue import SOCIAL_ACTS, acts_of, has_content
+from coact.graphs.policy.domain import DomainPack
+from coact.graphs.policy.simulator import Message, Reply
 
 FALLBACK_THRESHOLD = 0.3  # Rasa FallbackClassifier `threshold` default
 AMBIGUITY_THRESHOLD = 0.1  # Rasa FallbackClassifier `ambiguity_threshold` default

@@ -15,9 +15,10 @@ from contextlib import aclosing
 
 from pydantic import BaseModel
 
-from actors.generation import template_result
-from actors.schemas import ResponderChunk, ResponderRequest, StreamDone, StreamReplace, StreamText
-from graphs.pipeline import PreparedTurn, Stages, finish_turn, partial_response
+from coact.actors.generation import template_result
+from coact.graphs.policy.messages import ResponderChunk, ResponderRequest
+from coact.graphs.serving.http import StreamDone, StreamReplace, StreamText
+from coact.graphs.serving.pipeline import PreparedTurn, Stages, finish_turn, partial_response
 
 ResponderStream = Callable[[ResponderRequest], AsyncIterator[ResponderChunk]]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphs.bayesnet import BayesNet, SoftEvidence
+from coact.graphs.policy.bayesnet import BayesNet, SoftEvidence
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _VOI_RTOL = 1e-12  # VOI below this (relative to the utility scale) is floating-point noise, not information

@@ -17,18 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.schemas import (
+from coact.graphs.policy.bayesnet import BayesNet
+from coact.graphs.policy.decide import VirtualQuestion
+from coact.graphs.policy.domain import DomainPack, Question, build_network
+from coact.graphs.policy.messages import (
     DecisionResult,
-    InfluenceOut,
     IntentResult,
     ReasonerResult,
     SessionEvidence,
     SessionState,
     SoftEvidenceItem,
 )
-from graphs.bayesnet import BayesNet, SoftEvidence
-from graphs.domain import DomainPack, Question, build_actions, build_network, build_questions
-from graphs.policy import ActionSpec, QuestionSpec, VirtualQuestion, decide
 
 TERMINAL_KINDS = {"answer", "action", "escalate", "decline"}
 POSTERIOR_TOP_K = 5
@@ -589,94 +588,6 @@ def close_or_continue(session: SessionState, plan: TurnPlan, decision: DecisionR
     session.deferred = [g for g in [*session.deferred, *plan.deferred] if g != decision.target]
     session.goal_belief = dict(decision.posterior.get(pack.intent_variable, {}))
     session.last_action, session.last_kind = decision.action, decision.kind
-
-
-# --- decision ---------------------------------------------------------------------------------
-
-
-class Policy:
-    """A domain pack compiled once: network, action utility tables, questions."""
-
-    def __init__(self, pack: DomainPack, weights: dict[str, float] | None = None) -> None:
-        self.pack = pack
-        self.weights = {**pack.utilities.weights, **(weights or {})}
-        self.net: BayesNet = build_network(pack)
-        self.actions: list[ActionSpec] = build_actions(pack, self.weights)
-        self.questions: list[QuestionSpec] = build_questions(pack)
-        observed = {f.name for f in pack.findings} | {q.variable for q in self.questions}
-        if pack.dialogue.human_request:
-            observed.add(pack.dialogue.human_request)
-        self.hidden = [v.name for v in pack.variables if v.name not in observed]
-
-    def soft(self, evidence: SessionEvidence) -> list[SoftEvidence]:
-        out = []
-        for item in evidence.soft:
-            states = self.net.states[item.variable]
-            out.append(SoftEvidence(item.variable, np.array([item.likelihood[s] for s in states]), item.label))
-        return out
-
-    def decide(self, evidence: SessionEvidence, explain: bool = True) -> DecisionResult:
-        askable: list[str] = []
-        virtual: list[VirtualQuestion] = []
-        soft = self.soft(evidence)
-        cost: float | dict[str, float] = self.weights["question_cost"]
-        if len(evidence.asked) < self.pack.utilities.max_questions:
-            askable = [q.variable for q in self.questions if q.variable not in evidence.hard
-                       and q.variable not in evidence.asked]
-            mood = self.pack.utilities.mood_cost
-            wanted = [self.pack.intent_variable] + ([mood.variable] if mood else [])
-            marginals = self.net.marginals(wanted, evidence.hard, soft)
-            if GOAL_QUESTION not in evidence.asked:
-                vq = disambiguation_question(self.pack, marginals[self.pack.intent_variable])
-                virtual = [vq] if vq is not None else []
-            if mood is not None:
-                p = float(marginals[mood.variable][self.net.states[mood.variable].index(mood.state)])
-                extra = self.weights[mood.weight] if isinstance(mood.weight, str) else float(mood.weight)
-                cost = {q: self.weights["question_cost"] + (0.0 if q in mood.exempt else extra * p)
-                        for q in [*askable, *(v.name for v in virtual)]}
-        result = decide(
-            self.net, self.actions, self.questions, evidence.hard, soft,
-            question_cost=cost, askable=askable, posterior_vars=self.hidden,
-            explain=explain, virtual=virtual,
-        )
-        posterior = {}
-        for var, dist in result.posterior.items():
-            top = sorted(dist.items(), key=lambda kv: -kv[1])[:POSTERIOR_TOP_K]
-            posterior[var] = {k: round(v, 6) for k, v in top}
-        options = list(virtual[0].answers[:-1]) if result.kind == "ask" and result.target == GOAL_QUESTION else []
-        question = None
-        if result.kind == "ask":
-            question = (disambiguation_text(self.pack, options) if options
-                        else self.pack.question(result.target).text)  # type: ignore[arg-type]
-        return DecisionResult(
-            action=result.chosen,
-            kind=result.kind,  # type: ignore[arg-type]
-            target=result.target,
-            question=question,
-            options=options,
-            expected_utility={k: round(v, 4) for k, v in result.expected_utility.items()},
-            value_of_information={k: round(v, 4) for k, v in result.value_of_information.items()},
-            posterior=posterior,
-            explanation=[
-                InfluenceOut(label=i.label, variable=i.variable, shift=round(i.shift, 4), choice_without=i.choice_without)
-                for i in result.explanation[:EXPLANATION_TOP_K]
-            ],
-            reason=reason_text(result.chosen, result.expected_utility, result.value_of_information,
-                               cost if isinstance(cost, dict) else {}, self.weights["question_cost"]),
-            domain_version=f"{self.pack.name}@{self.pack.version}",
-        )
-
-
-def reason_text(chosen: str, eu: dict[str, float], voi: dict[str, float], costs: dict[str, float],
-                base_cost: float) -> str:
-    acts = sorted(((k, v) for k, v in eu.items() if not k.startswith("ask:")), key=lambda kv: -kv[1])
-    best_act, best_eu = acts[0]
-    if chosen.startswith("ask:"):
-        q = chosen.removeprefix("ask:")
-        return (f"asking {q} is worth {voi[q]:.2f} in expected utility (cost {costs.get(q, base_cost):.2f}); "
-                f"acting now, the best option would be {best_act} (EU {best_eu:.2f})")
-    runner = acts[1] if len(acts) > 1 else (best_act, best_eu)
-    return f"{chosen} has the highest expected utility ({eu[chosen]:.2f}); next best {runner[0]} ({runner[1]:.2f})"
 
 
 # --- reply templates --------------------------------------------------------------------------

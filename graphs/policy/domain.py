@@ -14,9 +14,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from actors.schemas import ActName
-from graphs.bayesnet import BayesNet
-from graphs.policy import ActionSpec, QuestionSpec
+from coact.graphs.policy.bayesnet import BayesNet
+from coact.graphs.policy.decide import ActionSpec, QuestionSpec
+from coact.graphs.policy.messages import ActName
 
 DOMAINS_DIR = Path(__file__).parent / "domains"
 INTENT_STATES = "intents"  # `states: intents` expands to the pack's intents plus the out-of-scope label

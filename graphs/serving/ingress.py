@@ -18,25 +18,29 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.schemas import (
-    MAX_MESSAGE_CHARS,
+from coact.actors.session_store import DEFAULT_TTL_S, get_or_create_store
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ResponderChunk, ResponderRequest, SessionState
+from coact.graphs.serving import openai_api
+from coact.graphs.serving.http import (
     SESSION_ID_PATTERN,
     ChatRequest,
     ChatResponse,
     OpenAIChatCompletion,
     OpenAIChatRequest,
     OpenAIModelList,
-    ResponderChunk,
-    ResponderRequest,
-    SessionState,
     SessionView,
     StreamError,
 )
-from actors.session_store import DEFAULT_TTL_S, get_or_create_store
-from graphs import openai_api
-from graphs.domain import load_pack
-from graphs.pipeline import PreparedTurn, Stages, UnknownSession, complete_turn, prepare_turn, run_turn
-from graphs.streaming import sse, turn_events
+from coact.graphs.serving.pipeline import (
+    PreparedTurn,
+    Stages,
+    UnknownSession,
+    complete_turn,
+    prepare_turn,
+    run_turn,
+)
+from coact.graphs.serving.streaming import sse, turn_events
 
 MAX_BODY_BYTES = 16 * 1024  # a chat message is at most MAX_MESSAGE_CHARS; reject big bodies before parsing
 RETRY_AFTER_S = "2"

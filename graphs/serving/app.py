@@ -1,6 +1,6 @@
 """The Serve application: the one place where the four stages and the ingress are composed.
 
-`serve run graphs.app:build_app`, `serve run cluster/serve/local.yaml` and `coact serve` all
+`serve run coact.graphs.serving.app:build_app`, `serve run cluster/serve/local.yaml` and `coact serve` all
 build the graph here.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from actors.decision import DecisionActor
-from actors.intent import IntentActor
-from actors.reasoner import ReasonerActor
-from actors.responder import ResponderActor
-from actors.schemas import AppConfig
-from graphs.ingress import ChatIngress
+from coact.actors.decision import DecisionActor
+from coact.actors.intent import IntentActor
+from coact.actors.reasoner import ReasonerActor
+from coact.actors.responder import ResponderActor
+from coact.graphs.serving.http import AppConfig
+from coact.graphs.serving.ingress import ChatIngress
 
 
 def _replicas(n: int | None) -> dict:

@@ -12,10 +12,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from actors.schemas import (
-    ActionOut,
-    ChatRequest,
-    ChatResponse,
+from coact.graphs.policy.dialogue import (
+    TERMINAL_KINDS,
+    TurnPlan,
+    close_or_continue,
+    deferred_text,
+    plan_turn,
+    reply_template,
+    split_requests,
+)
+from coact.graphs.policy.domain import DomainPack
+from coact.graphs.policy.messages import (
     DecisionRequest,
     DecisionResult,
     HistoryTurn,
@@ -25,19 +32,8 @@ from actors.schemas import (
     ResponderRequest,
     ResponderResult,
     SessionState,
-    StageTrace,
-    Trace,
 )
-from graphs.dialogue import (
-    TERMINAL_KINDS,
-    TurnPlan,
-    close_or_continue,
-    deferred_text,
-    plan_turn,
-    reply_template,
-    split_requests,
-)
-from graphs.domain import DomainPack
+from coact.graphs.serving.http import ActionOut, ChatRequest, ChatResponse, StageTrace, Trace
 
 HISTORY_TURNS = 6  # what the responder sees; the session keeps more
 HISTORY_KEEP = 50

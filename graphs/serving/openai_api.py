@@ -16,8 +16,8 @@ from contextlib import aclosing
 
 from pydantic import BaseModel
 
-from actors.schemas import (
-    MAX_MESSAGE_CHARS,
+from coact.graphs.policy.messages import MAX_MESSAGE_CHARS
+from coact.graphs.serving.http import (
     SESSION_ID_PATTERN,
     ChatResponse,
     CoactExtension,
@@ -35,7 +35,7 @@ from actors.schemas import (
     StreamReplace,
     StreamText,
 )
-from graphs.streaming import sse
+from coact.graphs.serving.streaming import sse
 
 SESSION_HEADER = "X-Coact-Session-Id"
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
