@@ -141,18 +141,38 @@ def _expected_utilities(
     return _action_values(net.query(tables.variables, hard, soft), tables.variables, tables)
 
 
-def _voi(
+def _per_state_values(
     net: BayesNet,
     tables: _UtilityTables,
-    question: str,
+    variable: str,
     hard: Mapping[str, str] | None,
     soft: Sequence[SoftEvidence] | None,
-) -> float:
-    if hard and question in hard:
-        return 0.0  # already answered
-    variables = [question, *(v for v in tables.variables if v != question)]
-    per_answer = _action_values(net.query(variables, hard, soft), variables, tables, keep=question)
-    return _evsi(per_answer)  # per_answer[s, a] = Σ_u P(q=s, u | e) U_a(u)
+) -> np.ndarray:
+    """W[s, a] = Σ_u P(variable=s, u | e) U_a(u): one joint posterior, the variable's axis kept."""
+    variables = list(dict.fromkeys([variable, *tables.variables]))
+    return _action_values(net.query(variables, hard, soft), variables, tables, keep=variable)
+
+
+def _vois(
+    net: BayesNet,
+    tables: _UtilityTables,
+    asks: Sequence[str],
+    virtual: Sequence[VirtualQuestion],
+    hard: Mapping[str, str] | None,
+    soft: Sequence[SoftEvidence] | None,
+) -> dict[str, float]:
+    """The myopic EVSI of every question: a network question's answer is its variable (worth 0 once
+    answered); a virtual question's answer depends on u only through its variable, so its values are
+    V = L @ W for its likelihood matrix L: one contraction and a matrix product, however many answers."""
+    out: dict[str, float] = {}
+    for name, variable, likelihood in [*((q, q, None) for q in asks),
+                                       *((v.name, v.variable, v.likelihood) for v in virtual)]:
+        if likelihood is None and hard and name in hard:
+            out[name] = 0.0
+            continue
+        per_state = _per_state_values(net, tables, variable, hard, soft)
+        out[name] = _evsi(per_state if likelihood is None else np.asarray(likelihood, dtype=float) @ per_state)
+    return out
 
 
 def _evsi(per_answer: np.ndarray) -> float:
@@ -163,23 +183,6 @@ def _evsi(per_answer: np.ndarray) -> float:
     scale = float(np.abs(per_answer).sum()) + 1.0
     # max of sums <= sum of maxes, so a negative is rounding; so is a positive at the rounding level.
     return voi if voi > _VOI_RTOL * scale else 0.0
-
-
-def _voi_virtual(
-    net: BayesNet,
-    tables: _UtilityTables,
-    question: VirtualQuestion,
-    hard: Mapping[str, str] | None,
-    soft: Sequence[SoftEvidence] | None,
-) -> float:
-    """Σ_a max_act Σ_u P(u | e) P(a | u) U_act(u) - max_act EU(act): the same EVSI over a likelihood matrix."""
-    variables = list(dict.fromkeys([question.variable, *tables.variables]))
-    joint = net.query(variables, hard, soft)
-    axis = variables.index(question.variable)
-    shape = [1] * joint.ndim
-    shape[axis] = -1
-    return _evsi(np.stack([_action_values(joint * row.reshape(shape), variables, tables)
-                           for row in question.likelihood]))
 
 
 def expected_utilities(
@@ -207,7 +210,7 @@ def value_of_information(
     """
     if question_variable not in net.states:
         raise ValueError(f"value_of_information: unknown variable {question_variable!r}")
-    return _voi(net, _tables(net, actions), question_variable, hard, soft)
+    return _vois(net, _tables(net, actions), [question_variable], (), hard, soft)[question_variable]
 
 
 # --------------------------------------------------------------------------- deciding
@@ -223,8 +226,7 @@ def _option_values(
     """EU of every action followed by every ask (in order, virtual questions last), and the VOI per ask."""
     eu = _expected_utilities(net, tables, hard, soft)
     best = float(eu.max())
-    voi = {q: _voi(net, tables, q, hard, soft) for q in asks}
-    voi.update({v.name: _voi_virtual(net, tables, v, hard, soft) for v in virtual})
+    voi = _vois(net, tables, asks, virtual, hard, soft)
     ask_values = np.array([best + voi[q] - _cost(question_cost, q) for q in [*asks, *(v.name for v in virtual)]],
                           dtype=float)
     return np.concatenate([eu, ask_values]), voi
