@@ -1,12 +1,13 @@
 # Two commands on a fresh machine:
 #   make serve   install, build the models folder, serve the graph at http://127.0.0.1:8000
 #   make test    install, build the models folder, run the whole test suite
+#   make test-fast   the unit tier only (no Ray, no models folder), under 2 minutes
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install prepare serve test lint bench bench-responder
+.PHONY: install prepare serve test test-fast lint bench bench-responder
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,11 +32,15 @@ serve: prepare
 test: install
 	$(PY) -m pytest -q
 
+# Tiers (pyproject.toml, tests/conftest.py): unit < models < serve < cluster; a test belongs to its heaviest.
+test-fast: install
+	$(PY) -m pytest -q -m "not (models or serve or cluster)"
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench: prepare
-	$(PY) -m coact.cluster.bench_graph
+	$(PY) -m coact.cluster.experiments.bench_graph
 
 bench-responder: prepare
-	$(PY) -m coact.cluster.bench_responder
+	$(PY) -m coact.cluster.experiments.bench_responder

@@ -1,18 +1,23 @@
-"""DecisionActor: accumulated evidence -> exact posterior, expected utilities, VOI, chosen action."""
+"""DecisionActor: accumulated evidence -> exact posterior, expected utilities, VOI, chosen action.
+
+The engine is the policy core's `Policy` (graphs/policy/policy.py).
+"""
 
 from __future__ import annotations
 
 from ray import serve
 
+from coact.actors.config import DecisionConfig
 from coact.graphs.policy.domain import load_pack
 from coact.graphs.policy.messages import DecisionRequest, DecisionResult, SessionEvidence
 from coact.graphs.policy.policy import Policy
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.deployment  # options from DecisionConfig.deployment at bind time
 class DecisionActor:
-    def __init__(self, domain: str = "banking", weights: dict[str, float] | None = None) -> None:
-        self.policy = Policy(load_pack(domain), weights)
+    def __init__(self, cfg: DecisionConfig | None = None, domain: str = "banking") -> None:
+        cfg = cfg or DecisionConfig()
+        self.policy = Policy(load_pack(domain), cfg.weights)
         self.policy.decide(SessionEvidence())  # builds the cached elimination plans
 
     def reconfigure(self, config: dict) -> None:

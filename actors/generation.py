@@ -1,4 +1,5 @@
-"""Batched reply phrasing with a causal LM through transformers (plain functions, no Ray)."""
+"""Reply phrasing: the prompt, the guarded composition and streaming shared by every backend, the
+`ResponderBackend` protocol and its transformers implementation (plain code, no Ray)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from coact.actors.guard import OpenerStream, check_opener, check_reply, first_sentence
+from coact.actors.models import load_lm
 from coact.graphs.policy.domain import DomainPack
 from coact.graphs.policy.messages import ResponderChunk, ResponderRequest, ResponderResult
 
@@ -172,6 +175,60 @@ async def stream_transformers(tokenizer, model, prompt: str, settings: Generatio
             yield delta, len(item)
     finally:
         cancel.set()  # stops generate() at its next step when the consumer leaves early
+
+
+class ResponderBackend(Protocol):
+    """A language-model runtime behind the Responder (transformers here, vLLM in actors/vllm_backend.py).
+
+    Built by `from_config(lm_folder, cfg)` (cfg: `actors.config.ResponderConfig`). Both render prompts with
+    `tokenizer` and decode greedily with the same settings, so they phrase the same decision alike.
+    """
+
+    tokenizer: Any
+    version_suffix: str  # appended to the LM folder's version in traces
+    # True: whole replies come from `generate` on a batch (@serve.batch groups the requests); False: the
+    # runtime batches continuously on its own, and a whole reply is its guarded stream, collected.
+    batched: bool
+
+    def generate(self, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, int]]:
+        """(text, new token count) per prompt, blocking; called only when `batched`."""
+        ...
+
+    def stream(self, prompt: str, settings: GenerationSettings, max_new_tokens: int | None = None,
+               stop: bool = True, min_new_tokens: int = 0) -> Deltas:
+        """(text delta, token count) pairs; closing the iterator stops generation."""
+        ...
+
+    def unfinished_requests(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+class TransformersBackend:
+    """Batched greedy decoding in this process; one thread per streamed reply."""
+
+    version_suffix = ""
+    batched = True
+
+    def __init__(self, lm_folder: str) -> None:
+        self.tokenizer, self.model = load_lm(lm_folder)
+
+    @classmethod
+    def from_config(cls, lm_folder: str, cfg: Any) -> TransformersBackend:
+        return cls(lm_folder)
+
+    def generate(self, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, int]]:
+        return generate_batch(self.tokenizer, self.model, prompts, settings)
+
+    def stream(self, prompt: str, settings: GenerationSettings, max_new_tokens: int | None = None,
+               stop: bool = True, min_new_tokens: int = 0) -> Deltas:
+        return stream_transformers(self.tokenizer, self.model, prompt, settings, max_new_tokens, stop, min_new_tokens)
+
+    def unfinished_requests(self) -> int:
+        return sum(t.name == STREAM_THREAD for t in threading.enumerate())  # one generation thread per stream
+
+    def shutdown(self) -> None:
+        pass  # nothing outside this process
 
 
 async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str, prefix: str = "",

@@ -61,6 +61,48 @@ def _ngrams(text: str, n: int = NGRAM) -> frozenset[tuple[str, ...]]:
     return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
+def _judge(text: str, words: list[str], decision: DecisionResult, forbidden: list[str], grounding: str | None,
+           whole: bool) -> str | None:
+    """The checks of an opener, whole or a streamed prefix of one (`whole`: it must end its sentence).
+
+    `words` are the words judged: in a prefix, the last word while it is still being generated is not.
+    """
+    if len(text) > MAX_OPENER_CHARS:
+        return "too long"
+    if "?" in text:
+        return "asks a question the policy did not choose"
+    if whole and text[-1] not in ".!":
+        return "incomplete sentence"
+    if re.search(r"\d", text):
+        return "states a number"
+    if re.search(r"https?://|www\.|@", text):
+        return "contains a link or address"
+    lower = text.lower()
+    word_set = set(words)
+
+    def found(lexicon: set[str]) -> set[str]:  # a phrase is matched in the text, a word among the words
+        return {w for w in lexicon if (w in word_set if " " not in w else w in lower)}
+
+    allowed_claims = ALLOWED_CLAIMS.get(decision.action, set())
+    for claim, lexicon in ACTION_CLAIMS.items():
+        hits = set() if claim in allowed_claims else found(lexicon)
+        if hits:
+            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
+    off = sorted(found(OFF_SCRIPT))
+    if off:
+        return f"off script ({off[0]})"
+    grams = _ngrams(" ".join(words))
+    for other in forbidden:
+        if grams & _ngrams(other):
+            return "repeats another intent's answer"
+    if grounding is not None:
+        allowed = {_stem(w) for w in COURTESY | set(_WORD.findall(grounding.lower()))}
+        new = [w for w in words if _stem(w) not in allowed]
+        if new:
+            return f"adds content ({new[0]!r} is neither in the message nor in the decided reply)"
+    return None
+
+
 def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None) -> str | None:
     """Return why the model's opening sentence is unacceptable, or None if it may be sent.
 
@@ -70,38 +112,7 @@ def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], gr
     """
     if not opener.strip():
         return "empty"
-    if len(opener) > MAX_OPENER_CHARS:
-        return "too long"
-    if "?" in opener:
-        return "asks a question the policy did not choose"
-    if opener[-1] not in ".!":
-        return "incomplete sentence"
-    if re.search(r"\d", opener):
-        return "states a number"
-    if re.search(r"https?://|www\.|@", opener):
-        return "contains a link or address"
-    lower = opener.lower()
-    words = set(_WORD.findall(lower))
-    allowed = ALLOWED_CLAIMS.get(decision.action, set())
-    for claim, lexicon in ACTION_CLAIMS.items():
-        if claim in allowed:
-            continue
-        hits = {w for w in lexicon if (w in words if " " not in w else w in lower)}
-        if hits:
-            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
-    off = sorted(w for w in OFF_SCRIPT if (w in words if " " not in w else w in lower))
-    if off:
-        return f"off script ({off[0]})"
-    grams = _ngrams(opener)
-    for text in forbidden:
-        if grams & _ngrams(text):
-            return "repeats another intent's answer"
-    if grounding is not None:
-        allowed = {_stem(w) for w in COURTESY | set(_WORD.findall(grounding.lower()))}
-        new = [w for w in _WORD.findall(lower) if _stem(w) not in allowed]
-        if new:
-            return f"adds content ({new[0]!r} is neither in the message nor in the decided reply)"
-    return None
+    return _judge(opener, _WORD.findall(opener.lower()), decision, forbidden, grounding, whole=True)
 
 
 def check_reply(reply: str, template: str, decision: DecisionResult, forbidden: list[str]) -> str | None:
@@ -129,40 +140,10 @@ def check_partial_opener(partial: str, decision: DecisionResult, forbidden: list
     text = " ".join(partial.replace("\n", " ").split())
     if not text:
         return None
-    last_word_open = not complete and re.search(r"[A-Za-z0-9']$", partial) is not None
-    if len(text) > MAX_OPENER_CHARS:
-        return "too long"
-    if "?" in text:
-        return "asks a question the policy did not choose"
-    if re.search(r"\d", text):
-        return "states a number"
-    if re.search(r"https?://|www\.|@", text):
-        return "contains a link or address"
-    lower = text.lower()
-    words = _WORD.findall(lower)
-    if words and last_word_open:
+    words = _WORD.findall(text.lower())
+    if words and not complete and re.search(r"[A-Za-z0-9']$", partial) is not None:
         words = words[:-1]  # still being generated
-    word_set = set(words)
-    allowed_claims = ALLOWED_CLAIMS.get(decision.action, set())
-    for claim, lexicon in ACTION_CLAIMS.items():
-        if claim in allowed_claims:
-            continue
-        hits = {w for w in lexicon if (w in word_set if " " not in w else w in lower)}
-        if hits:
-            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
-    off = sorted(w for w in OFF_SCRIPT if (w in word_set if " " not in w else w in lower))
-    if off:
-        return f"off script ({off[0]})"
-    grams = _ngrams(" ".join(words))
-    for other in forbidden:
-        if grams & _ngrams(other):
-            return "repeats another intent's answer"
-    if grounding is not None:
-        allowed = {_stem(w) for w in COURTESY | set(_WORD.findall(grounding.lower()))}
-        new = [w for w in words if _stem(w) not in allowed]
-        if new:
-            return f"adds content ({new[0]!r} is neither in the message nor in the decided reply)"
-    return None
+    return _judge(text, words, decision, forbidden, grounding, whole=False)
 
 
 _FIRST_END = re.compile(r"[.!?]")

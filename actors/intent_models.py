@@ -209,9 +209,6 @@ class SequenceIntentClassifier(IntentLabels):
         return softmax(self.logits_texts(list(texts), progress=progress).astype(np.float64)
                         / self.temperature).astype(np.float32)
 
-    def predict_texts(self, texts: list[str]) -> list[str]:
-        return [self.labels[i] for i in self.predict_proba_texts(texts).argmax(axis=1)]
-
 
 def load_intent_model(path: str | Path, **kwargs: Any) -> LinearIntentModel | SequenceIntentClassifier:
     """Load an intent model folder of either kind (``meta.json`` ``kind``; absent means linear head).

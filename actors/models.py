@@ -210,6 +210,12 @@ class IntentLabels:
         return self.labels.index(self.out_of_scope_label)
 
 
+def _linear_heads(path: Path, file: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A folder's meta.json and its linear layer (weight, bias) as float32."""
+    tensors = _load_tensors(path / file)
+    return read_meta(path), tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)
+
+
 class IntentClassifier(IntentLabels):
     """Linear intent head over the encoder's embeddings, temperature-calibrated.
 
@@ -218,10 +224,7 @@ class IntentClassifier(IntentLabels):
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else intent_path()
-        self.meta = read_meta(self.path)
-        tensors = _load_tensors(self.path / "head.safetensors")
-        self.W = tensors["weight"].astype(np.float32)  # (C, D)
-        self.b = tensors["bias"].astype(np.float32)  # (C,)
+        self.meta, self.W, self.b = _linear_heads(self.path, "head.safetensors")  # W (C, D), b (C,)
         self.labels: list[str] = list(self.meta["labels"])
         self.out_of_scope_label: str = self.meta["out_of_scope_label"]
         self.temperature = float(self.meta["temperature"])
@@ -252,10 +255,7 @@ class FindingHeads:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else findings_path()
-        self.meta = read_meta(self.path)
-        tensors = _load_tensors(self.path / "heads.safetensors")
-        self.W = tensors["weight"].astype(np.float32)  # (F, D)
-        self.b = tensors["bias"].astype(np.float32)  # (F,)
+        self.meta, self.W, self.b = _linear_heads(self.path, "heads.safetensors")  # W (F, D), b (F,)
         self.names: list[str] = list(self.meta["names"])
         self.positive_rates = np.asarray([self.meta["positive_rates"][n] for n in self.names], dtype=np.float32)
         self.effective_prior = np.asarray([_finding_prior(self.meta, n) for n in self.names], dtype=np.float32)
@@ -357,7 +357,8 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def set_batching(method, max_batch_size: int, batch_wait_s: float) -> None:
-    """Resize a bound @serve.batch method's queue (max_batch_size 1 turns batching off)."""
-    method.set_max_batch_size(max_batch_size)
-    method.set_batch_wait_timeout_s(batch_wait_s)
+def set_batching(method: Any, batching: Any) -> None:
+    """Size a bound @serve.batch method from a stage's `actors.config.BatchingConfig` (max_batch_size 1 turns
+    batching off): the decorator carries no numbers of its own."""
+    method.set_max_batch_size(batching.max_batch_size)
+    method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)

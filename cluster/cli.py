@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from coact.cluster.local import DEFAULT_PORT, quiet_env
+from coact.cluster.runtime import DEFAULT_PORT, quiet_env
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -21,16 +21,35 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app_args(path: str | None) -> dict:
+    """build_app args from a YAML file: a Serve config (its one application's `args`) or the args alone."""
+    if path is None:
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if "applications" in doc:
+        (app,) = doc["applications"]
+        return dict(app.get("args") or {})
+    return dict(doc)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from coact.cluster.local import deploy, init_ray
+    from coact.cluster.runtime import deploy, init_ray
+    from coact.graphs.serving.http import AppConfig
 
-    app_args = {"domain": args.domain, "generate": not args.no_generate}
+    app_args = _app_args(args.config)
+    app_args["domain"] = args.domain or app_args.get("domain", "banking")
+    if args.no_generate:
+        app_args.setdefault("responder", {})["generate"] = False
     if args.models:
         app_args["models"] = args.models
-    init_ray(address=args.address)
+    AppConfig.model_validate(app_args)  # a bad file fails here, naming the field, before Ray starts
+    init_ray(args.address or "local")  # a private Ray unless told to attach
     url = deploy(app_args, port=args.port)
     print(f"coact is serving at {url}  (OpenAPI: {url}/docs). Ctrl-C to stop.", flush=True)
     stop = {"now": False}
@@ -94,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--address", help="attach to an existing Ray cluster ('auto' for the one on this machine) instead of starting one")
     p.add_argument("--models")
-    p.add_argument("--domain", default="banking")
+    p.add_argument("--domain", help="domain pack (default: the config's, else banking)")
+    p.add_argument("--config", help="YAML with the app's args (AppConfig: one section per stage), or a Serve "
+                                    "config file such as cluster/serve/local.yaml, whose args are used")
     p.add_argument("--no-generate", action="store_true", help="template replies only (no LM phrasing)")
     p.set_defaults(func=_serve)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,14 @@ import numpy as np
 from coact.actors import acts as A
 from coact.actors import models as M
 from coact.cluster import datasets as D
+from coact.cluster.artifacts import (
+    MAX_LENGTH,
+    EmbeddingCache,
+    content_hash,
+    content_version,
+    save_tensors,
+    write_json,
+)
 
 REPO_ROOT = M.REPO_ROOT
 
@@ -54,7 +61,6 @@ PARTS = ("lm", "intent", "findings", "passages", "acts")
 # findings 2: meta.json carries each head's effective training prior (0.5 with balanced weights).
 CODE_VERSIONS = {"lm": "1", "intent": "2", "findings": "2", "passages": "1", "acts": "2"}
 
-MAX_LENGTH = 64  # encoder max tokens for queries (BANKING77/CLINC texts are short)
 PASSAGE_MAX_LENGTH = 256  # FAQ passages are longer
 VAL_FRACTION = 0.10
 SEED = 0
@@ -77,18 +83,6 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- hashing helpers
 
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _hash(*parts: Any, n: int = 16) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else _canon(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:n]
-
-
 def _stat_fp(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -102,33 +96,6 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _content_version(files: list[Path], meta: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(D.file_sha256(f).encode())
-    h.update(_canon({k: v for k, v in meta.items() if k != "version"}).encode())
-    return h.hexdigest()[:16]
-
-
-def _save_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """safetensors.numpy writes an array's raw buffer: make it C-contiguous first (sklearn's coef_ is
-    Fortran-ordered, which would otherwise be saved transposed), then check the round trip."""
-    from safetensors.numpy import load_file, save_file
-
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    save_file(arrays, str(path))
-    back = load_file(str(path))
-    for k, v in arrays.items():
-        if not np.array_equal(back[k], v):
-            raise RuntimeError(f"{path}: tensor {k!r} did not round-trip")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -164,16 +131,21 @@ def _staging(target: Path) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- build context
 
-class _Ctx:
+class BuildContext:
+    """What the parts' builders share: the pack, the encoder and its embedding cache, the inputs'
+    fingerprints (the jobs build finding heads through it too)."""
+
     def __init__(self, out: Path, domain: str) -> None:
         from coact.graphs.policy.domain import load_pack, resolve_pack_path
 
         self.out = out
         self.pack_path = resolve_pack_path(domain).resolve()
         self.pack = load_pack(domain)
-        self._encoder: M.TextEncoder | None = None
         self.encoder_path = M.minilm_path()
-        self.encoder_fp = M.folder_fingerprint(self.encoder_path)
+        self.embeddings = EmbeddingCache(out / "cache", self.encoder_path,
+                                         threads=int(os.environ.get("COACT_TORCH_THREADS", "2")), log=log,
+                                         prune=True)
+        self.encoder_fp = self.embeddings.fingerprint
         self.packages = _versions()
         self.data = D.fingerprint()
         self.sgd = D.fingerprint(D.SGD_FILES)
@@ -185,11 +157,11 @@ class _Ctx:
         p = self.pack
         return {
             "file_sha256": D.file_sha256(self.pack_path)[:16],
-            "intents": _hash([(i.name, i.title, i.faq) for i in p.intents]),
-            "findings": _hash([f.model_dump() for f in p.findings]),
+            "intents": content_hash([(i.name, i.title, i.faq) for i in p.intents]),
+            "findings": content_hash([f.model_dump() for f in p.findings]),
             "out_of_scope_label": p.out_of_scope_label,
-            "acts": _hash({k: a.model_dump() for k, a in sorted(p.acts.items())}),
-            "answers": _hash({q.variable: q.answer_examples for q in p.questions}),
+            "acts": content_hash({k: a.model_dump() for k, a in sorted(p.acts.items())}),
+            "answers": content_hash({q.variable: q.answer_examples for q in p.questions}),
         }
 
     def inputs(self) -> dict[str, dict[str, Any]]:
@@ -212,58 +184,44 @@ class _Ctx:
                      "heldout": {p.name: D.file_sha256(p)[:16] for p in (ACTS_HELDOUT, ANSWERS_HELDOUT)}},
         }
 
-    # --- encoder and cached embeddings
+    # --- encoder and cached embeddings (artifacts.EmbeddingCache: the jobs and the bank read the same files)
     def encoder(self) -> M.TextEncoder:
-        if self._encoder is None:
-            import torch
-
-            torch.set_num_threads(int(os.environ.get("COACT_TORCH_THREADS", "2")))
-            log(f"loading encoder {self.encoder_path}")
-            self._encoder = M.TextEncoder(self.encoder_path, max_length=MAX_LENGTH)
-        return self._encoder
+        return self.embeddings.encoder()
 
     def embed(self, name: str, texts: list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
-        cache = self.out / "cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        key = _hash(self.encoder_fp, max_length, texts, n=12)
-        path = cache / f"emb-{name}-{key}.npy"
-        if path.is_file():
-            emb = np.load(path)
-            if emb.shape == (len(texts), M.EMBED_DIM):
-                return emb
-        emb = self.encoder().embed(texts, batch_size=32, max_length=max_length, progress=f"embed {name}")
-        for stale in cache.glob(f"emb-{name}-*.npy"):
-            stale.unlink(missing_ok=True)
-        tmp = cache / f".{path.name}.{os.getpid()}.tmp.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, path)
-        return emb
+        return self.embeddings.embed(name, texts, max_length)
 
     # --- shared training data for intent and findings
     def training_set(self) -> dict[str, Any]:
-        """BANKING77 train + out-of-scope examples, their embeddings and a stratified train/val split."""
-        if "train" in self.split_cache:
-            return self.split_cache["train"]
-        from sklearn.model_selection import train_test_split
-
-        oos_label = self.pack.out_of_scope_label
-        bank = D.load_banking77("train")
-        oos = [(t, "oos") for t, _ in D.load_clinc150("oos_train")] + _sample_per_intent(
-            D.clinc_out_of_domain("train"), OOD_PER_INTENT, SEED)
-        texts = [t for t, _ in bank] + [t for t, _ in oos]
-        intents = [y for _, y in bank] + [oos_label] * len(oos)
-        source = ["banking77"] * len(bank) + [f"clinc:{y}" for _, y in oos]
-        X = np.concatenate([self.embed("banking77-train", [t for t, _ in bank]),
-                            self.embed("oos-train", [t for t, _ in oos])])
-        idx = np.arange(len(texts))
-        tr, va = train_test_split(idx, test_size=VAL_FRACTION, stratify=intents, random_state=SEED)
-        out = {"texts": texts, "intents": intents, "source": source, "X": X,
-               "train_idx": np.sort(tr), "val_idx": np.sort(va)}
-        self.split_cache["train"] = out
-        return out
+        """``intent_training_set`` with the embeddings ``X`` of its texts."""
+        if "train" not in self.split_cache:
+            ts = intent_training_set(self.pack.out_of_scope_label)
+            n = ts["n_banking77"]
+            ts["X"] = np.concatenate([self.embed("banking77-train", ts["texts"][:n]),
+                                      self.embed("oos-train", ts["texts"][n:])])
+            self.split_cache["train"] = ts
+        return self.split_cache["train"]
 
 
-def _sample_per_intent(pairs: list[tuple[str, str]], per_intent: int, seed: int) -> list[tuple[str, str]]:
+def intent_training_set(oos_label: str) -> dict[str, Any]:
+    """The intent and finding heads' training set: BANKING77 train, then CLINC150 oos_train and
+    ``OOD_PER_INTENT`` other-domain queries per CLINC intent (labelled ``oos_label``), and its stratified
+    train/validation split (``VAL_FRACTION``, ``SEED``). Texts, intents, sources, ``n_banking77``, indices."""
+    from sklearn.model_selection import train_test_split
+
+    bank = D.load_banking77("train")
+    oos = [(t, "oos") for t, _ in D.load_clinc150("oos_train")] + sample_per_intent(
+        D.clinc_out_of_domain("train"), OOD_PER_INTENT, SEED)
+    texts = [t for t, _ in bank] + [t for t, _ in oos]
+    intents = [y for _, y in bank] + [oos_label] * len(oos)
+    source = ["banking77"] * len(bank) + [f"clinc:{y}" for _, y in oos]
+    tr, va = train_test_split(np.arange(len(texts)), test_size=VAL_FRACTION, stratify=intents, random_state=SEED)
+    return {"texts": texts, "intents": intents, "source": source, "n_banking77": len(bank),
+            "train_idx": np.sort(tr), "val_idx": np.sort(va)}
+
+
+def sample_per_intent(pairs: list[tuple[str, str]], per_intent: int, seed: int) -> list[tuple[str, str]]:
+    """A seeded sample of at most ``per_intent`` texts of each label, labels in sorted order."""
     by: dict[str, list[str]] = {}
     for t, y in pairs:
         by.setdefault(y, []).append(t)
@@ -278,7 +236,7 @@ def _sample_per_intent(pairs: list[tuple[str, str]], per_intent: int, seed: int)
 
 # ---------------------------------------------------------------- part: lm
 
-def build_lm(ctx: _Ctx, target: Path) -> dict[str, Any]:
+def build_lm(ctx: BuildContext, target: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -307,8 +265,8 @@ def build_lm(ctx: _Ctx, target: Path) -> dict[str, Any]:
             "transformers": ctx.packages["transformers"],
             "bytes": sum(f.stat().st_size for f in weights),
         }
-        meta["version"] = _content_version(weights, meta)
-        _write_json(tmp / "meta.json", meta)
+        meta["version"] = content_version(weights, meta)
+        write_json(tmp / "meta.json", meta)
     return {"version": meta["version"], "metrics": {"bytes": meta["bytes"]}}
 
 
@@ -349,7 +307,7 @@ def effective_prior(y: np.ndarray, weights: np.ndarray) -> float:
     return float(np.sum(weights * y) / np.sum(weights))
 
 
-def build_intent(ctx: _Ctx, target: Path) -> dict[str, Any]:
+def build_intent(ctx: BuildContext, target: Path) -> dict[str, Any]:
     from sklearn.metrics import f1_score, roc_auc_score
 
     oos_label = ctx.pack.out_of_scope_label
@@ -414,7 +372,7 @@ def build_intent(ctx: _Ctx, target: Path) -> dict[str, Any]:
     counts = np.bincount(y, minlength=len(labels)).astype(float)
     priors = {label: float(c / counts.sum()) for label, c in zip(labels, counts, strict=True)}
     with _staging(target) as tmp:
-        _save_tensors({"weight": W, "bias": b}, tmp / "head.safetensors")
+        save_tensors({"weight": W, "bias": b}, tmp / "head.safetensors")
         meta = {
             "kind": "intent-linear-head",
             "labels": labels,
@@ -431,8 +389,8 @@ def build_intent(ctx: _Ctx, target: Path) -> dict[str, Any]:
                          "ood_per_clinc_intent": OOD_PER_INTENT},
             "metrics": metrics,
         }
-        meta["version"] = _content_version([tmp / "head.safetensors"], meta)
-        _write_json(tmp / "meta.json", meta)
+        meta["version"] = content_version([tmp / "head.safetensors"], meta)
+        write_json(tmp / "meta.json", meta)
     log("intent: test accuracy {test_accuracy:.4f}, macro-F1 {test_macro_f1:.4f} (78-way {test_accuracy_78way:.4f}), "
         "OOS AUROC {oos_auroc:.4f}, T={t:.3f}".format(t=temperature, **metrics))
     return {"version": meta["version"], "metrics": metrics}
@@ -456,7 +414,7 @@ def finding_labels(finding: Any, texts: list[str], intents: list[str]) -> np.nda
     return np.array([int(y in positive or match(t)) for t, y in zip(texts, intents, strict=True)])
 
 
-def build_findings(ctx: _Ctx, target: Path) -> dict[str, Any]:
+def build_findings(ctx: BuildContext, target: Path) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     ts = ctx.training_set()
@@ -497,7 +455,7 @@ def build_findings(ctx: _Ctx, target: Path) -> dict[str, Any]:
             + (f"{auc:.4f}" if auc is not None else "n/a"))
     metrics = {"val_auroc": aurocs, "positive_rates": rates, "effective_prior": priors}
     with _staging(target) as tmp:
-        _save_tensors({"weight": W, "bias": b}, tmp / "heads.safetensors")
+        save_tensors({"weight": W, "bias": b}, tmp / "heads.safetensors")
         meta = {
             "kind": "finding-logistic-heads",
             "names": [f.name for f in findings],
@@ -513,8 +471,8 @@ def build_findings(ctx: _Ctx, target: Path) -> dict[str, Any]:
             "max_length": MAX_LENGTH,
             "domain": ctx.pack.name,
         }
-        meta["version"] = _content_version([tmp / "heads.safetensors"], meta)
-        _write_json(tmp / "meta.json", meta)
+        meta["version"] = content_version([tmp / "heads.safetensors"], meta)
+        write_json(tmp / "meta.json", meta)
     return {"version": meta["version"], "metrics": metrics}
 
 
@@ -524,7 +482,7 @@ def passage_text(intent: Any) -> str:
     return f"{intent.title}. {intent.faq}"
 
 
-def build_passages(ctx: _Ctx, target: Path) -> dict[str, Any]:
+def build_passages(ctx: BuildContext, target: Path) -> dict[str, Any]:
     intents = list(ctx.pack.intents)
     emb = ctx.encoder().embed([passage_text(i) for i in intents], batch_size=16,
                               max_length=PASSAGE_MAX_LENGTH, progress="embed passages")
@@ -540,8 +498,8 @@ def build_passages(ctx: _Ctx, target: Path) -> dict[str, Any]:
             "encoder": {"path": str(ctx.encoder_path), "fingerprint": ctx.encoder_fp},
             "max_length": PASSAGE_MAX_LENGTH,
         }
-        meta["version"] = _content_version([tmp / "embeddings.npy"], meta)
-        _write_json(tmp / "meta.json", meta)
+        meta["version"] = content_version([tmp / "embeddings.npy"], meta)
+        write_json(tmp / "meta.json", meta)
     log(f"passages: {len(intents)} FAQ passages embedded")
     return {"version": meta["version"], "metrics": {"n_passages": len(intents)}}
 
@@ -726,7 +684,7 @@ def _split_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
     return {uniq[i] for i in rng.choice(len(uniq), size=k, replace=False)} if k else set()
 
 
-def act_dataset(ctx: _Ctx) -> dict[str, Any]:
+def act_dataset(ctx: BuildContext) -> dict[str, Any]:
     """Every act row (text, pending, head labels with nan = unknown, source, split), with its embedding.
 
     Splits: SGD by dialogue id (test 20%, then val 20% of the rest, seeded); the held-out file is test; the other
@@ -786,7 +744,7 @@ def act_dataset(ctx: _Ctx) -> dict[str, Any]:
     for i, a in enumerate(answers):
         add(a["text"], a["y"], "answers", "train", True, ("answers", i))
     ood = [t for t, _ in D.load_clinc150("oos_train")] + [
-        t for t, _ in _sample_per_intent(D.clinc_out_of_domain("train"), ACT_OOD_PER_INTENT, SEED)]
+        t for t, _ in sample_per_intent(D.clinc_out_of_domain("train"), ACT_OOD_PER_INTENT, SEED)]
     embedded["ood"] = ctx.embed("acts-ood", ood)
     val = _split_ids(ood, ACT_SPLIT["val"], SEED + 4)
     for i, t in enumerate(ood):
@@ -904,13 +862,13 @@ def act_scores(P: np.ndarray, Y: np.ndarray, thresholds: dict[str, float], rows:
     return out
 
 
-def _answer_reader_eval(ctx: _Ctx, enc_embed: Callable[[list[str]], np.ndarray]) -> dict[str, Any]:
+def _answer_reader_eval(ctx: BuildContext, enc_embed: Callable[[list[str]], np.ndarray]) -> dict[str, Any]:
     """Choose the AnswerReader's C (leave one out on the pack's answer examples) and thresholds (those examples,
     left out, must be read; the pack's greeting/thanks/goodbye examples and CLINC other-domain queries must not),
     then score it on the held-out wordings (cluster/eval/answers_heldout.yaml)."""
     examples = A.embed_answer_examples(ctx.pack, enc_embed)
     non_texts = [e.text for name in ("greeting", "thanks", "goodbye") for e in ctx.pack.acts[name].items()
-                 if not e.content] + [t for t, _ in _sample_per_intent(D.clinc_out_of_domain("val"), 1, SEED)]
+                 if not e.content] + [t for t, _ in sample_per_intent(D.clinc_out_of_domain("val"), 1, SEED)]
     non = enc_embed(non_texts)
     if not examples:
         return {"settings": dict(A.DEFAULT_ANSWER_READER), "questions": 0}
@@ -991,7 +949,7 @@ def _nearest_baseline(examples: dict[str, dict[str, np.ndarray]], held: dict[str
     return {"heldout_accuracy": round(ok / n, 4) if n else None, "heldout_n": n}
 
 
-def build_acts(ctx: _Ctx, target: Path) -> dict[str, Any]:
+def build_acts(ctx: BuildContext, target: Path) -> dict[str, Any]:
     ds = act_dataset(ctx)
     E, Y, pending, split, source = ds["E"], ds["Y"], ds["pending"], ds["split"], ds["source"]
     tr, va = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
@@ -1037,7 +995,7 @@ def build_acts(ctx: _Ctx, target: Path) -> dict[str, Any]:
     metrics["unknown_labels"] = {h: int(np.sum(np.isnan(Y[:, i]))) for i, h in enumerate(ACT_HEADS)}
     metrics["answers"] = _answer_reader_eval(ctx, lambda texts: ctx.encoder().embed(texts, batch_size=32))
     with _staging(target) as tmp:
-        _save_tensors({"weight": model["W"], "bias": model["b"], "platt_scale": model["scale"],
+        save_tensors({"weight": model["W"], "bias": model["b"], "platt_scale": model["scale"],
                        "platt_shift": model["shift"]}, tmp / "heads.safetensors")
         meta = {
             "kind": "act-logistic-heads",
@@ -1057,8 +1015,8 @@ def build_acts(ctx: _Ctx, target: Path) -> dict[str, Any]:
                          "sgd_content_acts": sorted(SGD_CONTENT_ACTS)},
             "metrics": metrics,
         }
-        meta["version"] = _content_version([tmp / "heads.safetensors"], meta)
-        _write_json(tmp / "meta.json", meta)
+        meta["version"] = content_version([tmp / "heads.safetensors"], meta)
+        write_json(tmp / "meta.json", meta)
     log("acts: " + format_act_table(metrics["heldout"]).replace("\n", "\n    "))
     a = metrics["answers"]
     log(f"acts: answer reading, held-out accuracy {a['heldout_accuracy']} ({a['heldout_n']} answers), "
@@ -1083,7 +1041,7 @@ def format_act_table(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-BUILDERS: dict[str, Callable[[_Ctx, Path], dict[str, Any]]] = {
+BUILDERS: dict[str, Callable[[BuildContext, Path], dict[str, Any]]] = {
     "lm": build_lm, "intent": build_intent, "findings": build_findings, "passages": build_passages,
     "acts": build_acts,
 }
@@ -1113,8 +1071,9 @@ def _up_to_date(out: Path, part: str, old: dict[str, Any] | None, inputs: dict[s
 def prepare(models_dir: Path | None = None, force: bool = False, domain: str = "banking",
             parts: tuple[str, ...] = PARTS) -> dict:
     """Build (or bring up to date) the models folder and return its manifest."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from coact.cluster.runtime import quiet_env
+
+    quiet_env()
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; known: {PARTS}")
@@ -1122,7 +1081,7 @@ def prepare(models_dir: Path | None = None, force: bool = False, domain: str = "
     out = out.expanduser().resolve()
     started = time.perf_counter()
     with _locked(out):
-        ctx = _Ctx(out, domain)
+        ctx = BuildContext(out, domain)
         manifest_path = out / MANIFEST
         old_manifest: dict[str, Any] = {}
         if manifest_path.is_file():
@@ -1173,7 +1132,7 @@ def prepare(models_dir: Path | None = None, force: bool = False, domain: str = "
             "parts": new_parts,
         }
         if manifest != old_manifest:
-            _write_json(manifest_path, manifest)
+            write_json(manifest_path, manifest)
             log(f"manifest written: {manifest_path}")
     log(f"done in {time.perf_counter() - started:.1f}s: {out}")
     return manifest

@@ -1,12 +1,16 @@
-"""Shared fixtures: the prepared models folder and one real local Ray cluster + Serve app."""
+"""Shared fixtures: the prepared models folder, one real local Ray cluster with the session's Serve app, a
+factory for extra apps beside it, and a private head. The tiers (markers) are checked here too.
+
+Every test module sets its tier with a module-level ``pytestmark`` (see ``[tool.pytest.ini_options]``
+in pyproject.toml): ``unit`` < ``models`` < ``serve`` < ``cluster``. A test may carry a heavier tier than
+its module (e.g. one real-head test among a module's unit checks); it then belongs to the heavier one, so
+``-m "not (models or serve or cluster)"`` (``make test-fast``) selects exactly the unit tier.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +20,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "models", "serve", "cluster")  # lightest first
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test has a tier: a module without ``pytestmark`` (or a test without a tier) is a collection error."""
+    untiered = sorted({item.nodeid.split("::")[0] for item in items
+                       if not any(item.get_closest_marker(t) for t in TIERS)})
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {untiered}")
 
+
+# ---------------------------------------------------------------- models (tier `models` and up)
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
@@ -32,36 +40,104 @@ def models_dir() -> Path:
     return ensure_models()
 
 
+# ---------------------------------------------------------------- the session's Ray and Serve (tier `serve`)
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    import ray
+    from coact.cluster.runtime import start_ray, stop_ray
 
-    from coact.cluster.local import init_ray
-
-    # A short private temp dir: Ray's socket paths must stay under the Unix limit, and runs must not share state.
-    tmp = tempfile.mkdtemp(prefix="coact-ray-", dir="/tmp")
-    init_ray(num_cpus=4, _temp_dir=tmp)
+    # A short private temp dir (Ray's socket paths must stay under the Unix limit; runs must not share state).
+    started, tmp = start_ray(num_cpus=4)
     yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    stop_ray(started, tmp)
 
 
 @pytest.fixture(scope="session")
-def app_url(models_dir: Path, ray_cluster: None) -> Iterator[str]:
+def serve_port(ray_cluster: None) -> Iterator[int]:
+    """Serve's one HTTP port on this cluster: every app of the session is served on it, each on its route."""
     from ray import serve
 
-    from coact.cluster.local import deploy
+    from coact.cluster.runtime import free_port
 
-    url = deploy({"models": str(models_dir), "generate": True, "max_new_tokens": 20}, port=free_port(),
-                 timeout_s=600)
-    yield url
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
     serve.shutdown()
 
 
 @pytest.fixture(scope="session")
+def app_url(models_dir: Path, serve_port: int) -> str:
+    """The app the serve-tier modules share (name ``coact``, route ``/``, LM replies). Nothing may break it:
+    a test that kills replicas or changes deployments does so on an app of its own (``serve_app``)."""
+    from coact.cluster.runtime import deploy
+
+    return deploy({"models": str(models_dir), "responder": {"generate": True, "max_new_tokens": 20}}, port=serve_port,
+                  timeout_s=600)
+
+
+class ExtraApps:
+    """Deploys apps of the graph beside the shared one and deletes every one of them at teardown."""
+
+    def __init__(self, models_dir: Path, port: int) -> None:
+        self.models_dir, self.port, self.names = models_dir, port, []
+
+    def __call__(self, name: str, args: dict | None = None, *, deployments: list[dict] | None = None,
+                 timeout_s: float = 600.0) -> str:
+        """Deploy app `name` on route ``/<name>`` with build_app `args` (``models`` filled in); its base URL.
+
+        With `deployments` (per-deployment overrides such as a ``user_config``) the app is deployed from a
+        Serve config, as ``serve deploy`` does; calling again with the same name and args and other overrides
+        updates the live app the way an operator's edited config file does.
+        """
+        from coact.cluster.runtime import deploy, wait_healthy
+        from tests.helpers.serve import wait_running
+
+        if name not in self.names:
+            self.names.append(name)  # before deploying: a deploy that fails half-way is deleted too
+        args = {"models": str(self.models_dir), **(args or {})}
+        if deployments is None:
+            return deploy(args, port=self.port, name=name, route_prefix=f"/{name}", timeout_s=timeout_s)
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        app = {"name": name, "route_prefix": f"/{name}", "import_path": "coact.graphs.serving.app:build_app",
+               "args": args, "deployments": deployments}
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+        url = f"http://127.0.0.1:{self.port}/{name}"
+        wait_running(name, timeout_s=timeout_s)
+        wait_healthy(url, timeout_s)
+        return url
+
+    def delete_all(self) -> None:
+        from ray import serve
+
+        for name in reversed(self.names):
+            serve.delete(name)
+        self.names.clear()
+
+
+@pytest.fixture
+def serve_app(models_dir: Path, serve_port: int) -> Iterator[Callable[..., str]]:
+    """A factory for apps beside the shared one, deleted when the test ends (passed or not)."""
+    apps = ExtraApps(models_dir, serve_port)
+    yield apps
+    apps.delete_all()
+
+
+@pytest.fixture(scope="module")
+def serve_app_module(models_dir: Path, serve_port: int) -> Iterator[Callable[..., str]]:
+    """`serve_app` for an app that a whole module shares (e.g. one engine start paid once), deleted after it."""
+    apps = ExtraApps(models_dir, serve_port)
+    yield apps
+    apps.delete_all()
+
+
+# ---------------------------------------------------------------- a private head (tier `cluster`)
+
+@pytest.fixture(scope="session")
 def ray_head() -> Iterator[object]:
     """A private `ray start --head` with the dashboard (Jobs API), token auth on, own HOME/temp dir/ports."""
-    from coact.cluster.head import start_head
+    from coact.cluster.runtime import start_head
 
     head = start_head(num_cpus=2)
     yield head

@@ -20,6 +20,9 @@ from coact.cluster import datasets as D  # noqa: E402
 from coact.cluster import prepare as P  # noqa: E402
 from coact.graphs.policy.domain import DOMAINS_DIR, DomainPackError, load_pack, parse_pack  # noqa: E402
 from coact.graphs.policy.messages import ActName, IntentRequest  # noqa: E402
+from tests.helpers.data import data_root, require  # noqa: E402
+
+pytestmark = pytest.mark.models
 
 PACK = load_pack("banking")
 BANKING = (DOMAINS_DIR / "banking.yaml").read_text()
@@ -48,8 +51,7 @@ def classifier(models_dir: Path) -> A.ActClassifier:
 
 @pytest.fixture(scope="module")
 def shared_data() -> None:
-    if os.environ.get("COACT_DATA_DIR") is None and not D._shared_data_dir().is_dir():
-        pytest.skip("../shared/data is not present on this machine")
+    require(data_root(), "the shared data folder")  # skipped when absent; a failure in CI (CI=true)
 
 
 # ---------------------------------------------------------------- data

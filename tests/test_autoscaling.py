@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def run(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("autoscaling")
-    proc = subprocess.run([sys.executable, "-m", "cluster.experiments.autoscaling", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "coact.cluster.experiments.autoscaling", "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text()), out

@@ -3,46 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import os
 import warnings
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from coact.graphs.policy.bayesnet import BayesNet, SoftEvidence, from_pgmpy, sample
+from tests.helpers.data import data_root, require, require_module
+from tests.helpers.networks import random_network
 
-# --------------------------------------------------------------------------- random networks
+pytestmark = pytest.mark.unit
 
-
-def random_network(seed: int, n_vars: int | None = None, zero_frac: float = 0.0) -> BayesNet:
-    """A random DAG (each variable takes up to 3 earlier parents) with random Dirichlet CPTs.
-
-    Variables are declared in shuffled order so the engine's own topological sort is exercised.
-    """
-    rng = np.random.default_rng(seed)
-    n = int(n_vars or rng.integers(5, 8))
-    names = [f"X{i}" for i in range(n)]
-    states = {v: [f"{v}s{k}" for k in range(int(rng.integers(2, 5)))] for v in names}
-    parents: dict[str, list[str]] = {}
-    cpts: dict[str, np.ndarray] = {}
-    for i, v in enumerate(names):
-        k = int(rng.integers(0, min(i, 3) + 1))
-        parents[v] = [names[j] for j in rng.choice(i, size=k, replace=False)] if k else []
-        shape = (*(len(states[p]) for p in parents[v]), len(states[v]))
-        table = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]) if parents[v] else rng.dirichlet(np.ones(shape[-1]))
-        if zero_frac:
-            # Knock out some entries (never a whole row) to make some evidence impossible.
-            mask = rng.random(table.shape) < zero_frac
-            mask[..., 0] = False
-            table = np.where(mask, 0.0, table)
-            table = table / table.sum(axis=-1, keepdims=True)
-        cpts[v] = table
-    order = list(rng.permutation(names))
-    return BayesNet(
-        states={v: states[v] for v in order}, parents={v: parents[v] for v in order}, cpts={v: cpts[v] for v in order}
-    )
+# --------------------------------------------------------------------------- random networks (tests/helpers/networks.py)
 
 
 def brute_joint(net: BayesNet) -> tuple[np.ndarray, list[str]]:
@@ -266,12 +239,7 @@ def test_zero_entries_match_brute_force_when_possible() -> None:
 # --------------------------------------------------------------------------- bnlearn networks vs pgmpy
 
 
-def data_dir() -> Path:
-    env = os.environ.get("COACT_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-BIF_DIR = data_dir() / "bnlearn_bif"
+BIF_DIR = data_root() / "bnlearn_bif"
 # (network, hard-evidence variables per draw, draws); hepar2 (70 nodes) is the largest we check.
 BNLEARN_CASES = [("asia", 2, 4), ("child", 3, 3), ("insurance", 4, 3), ("alarm", 5, 3), ("hepar2", 6, 2)]
 
@@ -280,10 +248,12 @@ BNLEARN_CASES = [("asia", 2, 4), ("child", 3, 3), ("insurance", 4, 3), ("alarm",
 def load_bif(name: str):  # -> (pgmpy model, BayesNet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgmpy's own deprecation chatter on import
-        pytest.importorskip("pgmpy")
+        require_module("pgmpy")
         from pgmpy.readwrite import BIFReader
 
-        text = gzip.open(BIF_DIR / f"{name}.bif.gz", "rt", encoding="utf-8").read()
+        # Absent data: skipped here, a failure in CI (CI=true).
+        path = require(BIF_DIR / f"{name}.bif.gz", f"the bnlearn network {name} ({BIF_DIR})")
+        text = gzip.open(path, "rt", encoding="utf-8").read()
         model = BIFReader(string=text).get_model()
     return model, from_pgmpy(model)
 
@@ -308,7 +278,6 @@ def pgmpy_marginal(model, variable: str, hard: dict[str, str], soft: list[SoftEv
     return np.asarray(factor.values, dtype=float)
 
 
-@pytest.mark.skipif(not BIF_DIR.is_dir(), reason=f"bnlearn BIF folder not found at {BIF_DIR} (set COACT_DATA_DIR)")
 @pytest.mark.parametrize(("name", "n_hard", "draws"), BNLEARN_CASES)
 def test_bnlearn_marginals_match_pgmpy(name: str, n_hard: int, draws: int) -> None:
     model, net = load_bif(name)
@@ -330,7 +299,6 @@ def test_bnlearn_marginals_match_pgmpy(name: str, n_hard: int, draws: int) -> No
             np.testing.assert_allclose(dist, theirs, rtol=0, atol=1e-9, err_msg=f"{name} draw {draw}: {v}")
 
 
-@pytest.mark.skipif(not BIF_DIR.is_dir(), reason=f"bnlearn BIF folder not found at {BIF_DIR} (set COACT_DATA_DIR)")
 def test_asia_evidence_probability_and_conversion() -> None:
     model, net = load_bif("asia")
     # Conversion: the CPT of `either` (parents lung, tub) read back through pgmpy's own accessor.

@@ -11,6 +11,8 @@ import pytest
 
 from coact.cluster.experiments import capacity as C
 
+pytestmark = pytest.mark.unit
+
 SAMPLE = Path(__file__).resolve().parents[1] / "cluster" / "experiments" / "sample_results"
 
 

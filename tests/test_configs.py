@@ -15,6 +15,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE = REPO / "cluster" / "serve"
 CONFIGS = {"local": SERVE / "local.yaml", "gpu": SERVE / "gpu.yaml"}
@@ -35,19 +37,29 @@ def app_of(cfg: dict) -> dict:
 
 
 def deployments_of(cfg: dict) -> dict[str, dict]:
-    return {d["name"]: d for d in app_of(cfg).get("deployments", [])}
+    """Per deployment, the Serve options the file's args give it (AppConfig's stage sections, as build_app
+    applies them): the one place a file sets them."""
+    from coact.graphs.serving.http import DEPLOYMENT_NAMES, AppConfig
+
+    args = AppConfig.model_validate(app_of(cfg)["args"])
+    return {name: getattr(args, stage).deployment.serve_options() for stage, name in DEPLOYMENT_NAMES.items()}
 
 
 def bound_names(app: Any) -> set[str]:
-    """Deployment names of a built Application graph (walks the bound init args)."""
+    """Deployment names of a built Application graph."""
+    return set(bound_deployments(app))
+
+
+def bound_deployments(app: Any) -> dict[str, Any]:
+    """The Deployment objects of a built Application graph by name (walks the bound init args)."""
     from ray.serve import Application
 
     dep = app._bound_deployment
-    names = {dep.name}
+    found = {dep.name: dep}
     for value in [*dep.init_args, *dep.init_kwargs.values()]:
         if isinstance(value, Application):
-            names |= bound_names(value)
-    return names
+            found |= bound_deployments(value)
+    return found
 
 
 # ---------------------------------------------------------------- Serve configs (schema level)
@@ -65,9 +77,20 @@ def test_serve_config_validates_and_builds(name: str) -> None:
     assert app.import_path == "coact.graphs.serving.app:build_app"
     AppConfig.model_validate(app.args)  # extra="forbid": a misspelt arg fails here, not on the cluster
     built = build_app(app.args)
-    # Every deployment the builder makes is configured in the file, and the file names no other one
-    # (Serve would reject an unknown name only at deploy time).
     assert bound_names(built) == DEPLOYMENTS == set(deployments_of(cfg))
+    # The args are the one source of the deployments' options: no `deployments:` list repeats them, and the
+    # built graph carries exactly what the args say.
+    assert "deployments" not in cfg["applications"][0]
+    for name, dep in bound_deployments(built).items():
+        want = deployments_of(cfg)[name]
+        assert dep.ray_actor_options == want["ray_actor_options"], name
+        assert dep.max_ongoing_requests == want["max_ongoing_requests"], name
+        assert dep.max_queued_requests == want["max_queued_requests"], name
+        if "autoscaling_config" in want:
+            got = dep._deployment_config.autoscaling_config
+            assert {k: getattr(got, k) for k in want["autoscaling_config"]} == want["autoscaling_config"], name
+        else:
+            assert dep.num_replicas == want.get("num_replicas", 1), name
 
 
 def test_gpu_config_is_deliberate() -> None:
@@ -75,8 +98,8 @@ def test_gpu_config_is_deliberate() -> None:
 
     cfg = load(CONFIGS["gpu"])
     args = AppConfig.model_validate(app_of(cfg)["args"])
-    batch = {"IntentActor": args.intent_max_batch_size, "ReasonerActor": args.reasoner_max_batch_size,
-             "ResponderActor": args.responder_max_batch_size}
+    batch = {"IntentActor": args.intent.batching.max_batch_size, "ReasonerActor": args.reasoner.batching.max_batch_size,
+             "ResponderActor": args.responder.batching.max_batch_size}
     for name, d in deployments_of(cfg).items():
         auto = d["autoscaling_config"]
         assert "num_replicas" not in d, name  # autoscaled, never pinned
@@ -87,20 +110,61 @@ def test_gpu_config_is_deliberate() -> None:
         assert auto["target_ongoing_requests"] <= d["max_ongoing_requests"], name
         assert auto["upscale_delay_s"] < auto["downscale_delay_s"], name
         assert d["max_queued_requests"] >= d["max_ongoing_requests"], name
-        # ray_actor_options replaces the code's options as a whole: every resource is spelt out.
+        # Every resource is spelt out (the defaults are sized for two shared CPUs, not for these nodes).
         opts = d["ray_actor_options"]
         assert {"num_cpus", "num_gpus", "memory"} <= set(opts), name
         assert (opts["num_gpus"] > 0) == (name in GPU_STAGES), name
         if name in batch:  # room for a full batch on every replica, with the next one filling
             assert d["max_ongoing_requests"] >= 2 * batch[name], name
-    # A fixed count from args (num_replicas in code) beside the file's autoscaling_config is refused by Serve.
-    assert args.reasoner_replicas is None and args.responder_replicas is None
     deps = deployments_of(cfg)
-    # The args say the same GPUs as the file, so `serve run coact.graphs.serving.app:build_app` with these args places alike.
-    assert deps["ReasonerActor"]["ray_actor_options"]["num_gpus"] == args.reasoner_num_gpus
-    assert deps["ResponderActor"]["ray_actor_options"]["num_gpus"] == args.responder_num_gpus
     # The Responder admits as many turns as the engine batches (vLLM's max_num_seqs), no more.
-    assert deps["ResponderActor"]["max_ongoing_requests"] == args.vllm_max_num_seqs
+    assert args.responder.backend == "vllm"
+    assert deps["ResponderActor"]["max_ongoing_requests"] == args.responder.vllm.max_num_seqs
+
+
+@pytest.mark.parametrize(("args", "field", "needle"), [
+    ({"responder": {"max_new_token": 8}}, "responder.max_new_token", "Extra inputs"),
+    ({"intent": {"batching": {"max_batch_size": 0}}}, "intent.batching.max_batch_size", "greater than or equal"),
+    ({"reasoner": {"deployment": {"ray_actor_options": {"num_cpu": 1}}}},
+     "reasoner.deployment.ray_actor_options.num_cpu", "Extra inputs"),
+    ({"responder": {"backend": "tgi"}}, "responder.backend", "'transformers' or 'vllm'"),
+    # Serve's own checks, named by the section: a count beside autoscaling, bounds the wrong way round
+    ({"responder": {"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 4}}}}, "responder",
+     "deployment: Manually setting num_replicas is not allowed"),
+    ({"decision": {"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}}, "decision",
+     "deployment: max_replicas (1) must be greater than or equal to min_replicas (3)"),
+    ({"intent": {"deployment": {"autoscaling_config": {"max_replica": 3}}}}, "intent",
+     "deployment.autoscaling_config: unknown field 'max_replica'"),
+])
+def test_bad_config_names_the_field(args: dict, field: str, needle: str) -> None:
+    from pydantic import ValidationError
+
+    from coact.graphs.serving.app import build_app
+
+    with pytest.raises(ValidationError) as e:
+        build_app(args)
+    (err,) = e.value.errors()
+    assert ".".join(str(x) for x in err["loc"]) == field and needle in err["msg"], err
+
+
+def test_a_section_is_laid_over_the_stage_defaults() -> None:
+    from coact.graphs.serving.http import AppConfig
+
+    cfg = AppConfig.model_validate({"responder": {"deployment": {"ray_actor_options": {"num_gpus": 1}}}})
+    dep = cfg.responder.deployment
+    # the Responder's own CPUs and request limits stay; only the GPU changed
+    assert (dep.ray_actor_options.num_cpus, dep.ray_actor_options.num_gpus) == (0.5, 1)
+    assert (dep.max_ongoing_requests, dep.max_queued_requests) == (32, 256)
+    assert AppConfig().intent.deployment.ray_actor_options.num_cpus == 0.25
+
+
+def test_flat_keys_are_refused_with_their_name() -> None:
+    # One config surface: a setting lives in its stage's section only.
+    from coact.graphs.serving.http import AppConfig
+
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        AppConfig.model_validate({"max_new_tokens": 8})
+    assert AppConfig.model_validate({"responder": {"max_new_tokens": 8}}).responder.max_new_tokens == 8
 
 
 def test_local_config_fits_two_cpus() -> None:
@@ -326,7 +390,9 @@ def test_dockerfile_matches_the_manifests() -> None:
             assert (REPO / p).exists(), p
     assert "COACT_MODELS_DIR=/app/models" in text and "WORKDIR /app" in text
     # gpu.yaml's Responder backend must be installed in the image it runs on.
-    backend = app_of(load(CONFIGS["gpu"]))["args"].get("responder_backend", "transformers")
+    from coact.graphs.serving.http import AppConfig
+
+    backend = AppConfig.model_validate(app_of(load(CONFIGS["gpu"]))["args"]).responder.backend
     if backend == "vllm":
         assert re.search(r"^ARG EXTRAS=\S*vllm", text, re.M), "the image lacks the vllm extra gpu.yaml needs"
     manifest = load(MANIFEST)["spec"]["rayClusterConfig"]
@@ -354,19 +420,19 @@ def applied_configs(head: Any, apps: set[str], timeout_s: float = 300.0) -> dict
     raise TimeoutError(f"apps not built after {timeout_s:.0f} s: {json.dumps(last)[:2000]}")
 
 
-@pytest.mark.e2e
+@pytest.mark.cluster
 def test_configs_take_effect_on_a_real_serve(tmp_path: Path) -> None:
     """`serve deploy` both files (as two apps of one config) to a real head; read back what Serve applied.
 
     The head has no CPUs or GPUs, so replicas stay pending and no model is loaded: what is checked is the
-    controller's merge of each file with the options graphs/app.py sets in code.
+    controller's record of the options build_app set from each file's args.
     """
     import subprocess
     import sys
 
     from ray.serve.schema import ServeDeploySchema
 
-    from coact.cluster.head import free_port, start_head
+    from coact.cluster.runtime import free_port, start_head
 
     apps = []
     for name, path in CONFIGS.items():  # only the app's name and route differ from the files
@@ -402,7 +468,7 @@ def test_configs_take_effect_on_a_real_serve(tmp_path: Path) -> None:
                     assert cfg[key] == want[key], (name, dep, key)
             for key, value in want["ray_actor_options"].items():
                 assert cfg["ray_actor_options"][key] == value, (name, dep, key)
-            # What the scheduler asks for per replica (the code's values differ: see graphs/app.py).
+            # What the scheduler asks for per replica (the stages' defaults differ: see actors/config.py).
             need = got["required_resources"]
             assert need.get("CPU", 0) == want["ray_actor_options"]["num_cpus"], (name, dep, need)
             assert need.get("GPU", 0) == want["ray_actor_options"]["num_gpus"], (name, dep, need)

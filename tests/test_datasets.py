@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 from coact.cluster import datasets as D
+from tests.helpers.data import SHARED, require
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
 def shared_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COACT_DATA_DIR", raising=False)
-    if not D._shared_data_dir().is_dir():
-        pytest.skip("../shared/data is not present on this machine")
+    require(SHARED, "../shared/data")  # skipped when absent; a failure in CI (CI=true)
 
 
 def test_banking77_counts(shared_only: None) -> None:
@@ -147,10 +149,8 @@ def test_missing_and_offline_is_a_clear_error(empty_cache: Path, monkeypatch: py
 
 
 def test_download_into_cache_verifies_checksum(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shared = D.REPO_ROOT.parent / "shared" / "data"
-    if not (shared / "banking77" / "categories.json").is_file():
-        pytest.skip("../shared/data is not present on this machine")
-    payload = {"data": (shared / "banking77" / "categories.json").read_bytes()}
+    categories = require(SHARED / "banking77" / "categories.json", "../shared/data/banking77")
+    payload = {"data": categories.read_bytes()}
 
     def fake_urlopen(url: str, timeout: float = 0) -> io.BytesIO:
         assert url == D.REMOTE_FILES["banking77/categories.json"].url
@@ -162,7 +162,7 @@ def test_download_into_cache_verifies_checksum(empty_cache: Path, monkeypatch: p
         D.banking77_labels()
     assert not (empty_cache / "banking77" / "categories.json").exists()
 
-    payload["data"] = (shared / "banking77" / "categories.json").read_bytes()
+    payload["data"] = categories.read_bytes()
     labels = D.banking77_labels()
     assert len(labels) == 77
     assert (empty_cache / "banking77" / "categories.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from coact.actors.guard import check_opener, check_reply, first_sentence
 from coact.actors.session_store import SessionTable
@@ -27,6 +28,8 @@ from coact.graphs.policy.messages import (
     SessionState,
 )
 from coact.graphs.policy.policy import Policy
+
+pytestmark = pytest.mark.unit
 
 PACK = load_pack("banking")
 POLICY = Policy(PACK)

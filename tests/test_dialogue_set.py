@@ -22,6 +22,8 @@ from coact.cluster.jobs.test_dialogues import (
     write_report,
 )
 
+pytestmark = pytest.mark.unit
+
 MIN_DIALOGUES = 90
 MIN_PER_CATEGORY = 5
 MIN_OVERALL = 0.80  # measured 0.862 (94/109) on the template-reply app
@@ -142,24 +144,15 @@ def test_turn_lists_must_match_its_kinds() -> None:
 # --- the whole set against the real app -----------------------------------------------------------
 
 
-@pytest.mark.e2e
-def test_dialogue_set_against_the_app(app_url: str, models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.serve
+def test_dialogue_set_against_the_app(serve_app, tmp_path: Path) -> None:
     """The whole set over HTTP, against a second app of the same graph with template replies.
 
     The decisions are the policy's whatever phrases them; templates keep the 109 dialogues to about
     a minute on two cores (the LM-phrased path is covered by the e2e and streaming tests).
     """
-    from ray import serve
-
-    from coact.cluster.local import deploy
-
-    port = int(app_url.rsplit(":", 1)[1])
-    url = deploy({"models": str(models_dir), "generate": False}, port=port, name="coact-dialogues",
-                 route_prefix="/dialogues")
-    try:
-        report = asyncio.run(run_dialogues(url, load_dialogues(DEFAULT_FILE), concurrency=4))
-    finally:
-        serve.delete("coact-dialogues")
+    url = serve_app("coact-dialogues", {"responder": {"generate": False}})
+    report = asyncio.run(run_dialogues(url, load_dialogues(DEFAULT_FILE), concurrency=4))
     md = write_report(report, tmp_path)
     print(md.read_text(encoding="utf-8"))
     assert (tmp_path / "report.json").exists()

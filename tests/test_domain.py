@@ -16,6 +16,8 @@ from coact.graphs.policy.domain import (
     parse_pack,
 )
 
+pytestmark = pytest.mark.unit
+
 BANKING = (DOMAINS_DIR / "banking.yaml").read_text()
 
 

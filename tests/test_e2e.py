@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 
 import httpx
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.helpers.serve import chat, check_guard_verdict, replicas, stage, wait_running
+
+pytestmark = pytest.mark.serve
 
 STAGES = ["session", "intent", "reasoner", "decision", "responder"]
 AMBIGUOUS = "I see a payment I don't recognise"
-
-
-def chat(url: str, message: str, session_id: str | None = None) -> dict:
-    body = {"message": message} | ({"session_id": session_id} if session_id else {})
-    r = httpx.post(f"{url}/v1/chat", json=body, timeout=180)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def stage(data: dict, name: str) -> dict:
-    return next(s for s in data["trace"]["stages"] if s["stage"] == name)
 
 
 def test_health_and_openapi(app_url: str) -> None:
@@ -87,46 +77,39 @@ def test_clear_requests_are_answered_directly(app_url: str) -> None:
 
 
 def test_responder_output_is_guarded(app_url: str) -> None:
-    data = chat(app_url, "How do I top up my account with a bank transfer?")
-    out = stage(data, "responder")["output"]
-    assert out["source"] in {"model", "template"}
-    if out["source"] == "template":
-        assert out["guard"]  # a fallback always says why
+    message = "How do I top up my account with a bank transfer?"
+    data = chat(app_url, message)
     decision = stage(data, "decision")["output"]
-    if decision["kind"] == "answer":
-        from coact.graphs.policy.domain import load_pack
+    assert (decision["kind"], decision["target"]) == ("answer", "transfer_into_account"), decision["action"]
+    # What was sent is what the guard allows for what the LM wrote: its opener and the FAQ answer verbatim,
+    # or the FAQ answer alone with the guard's reason.
+    from coact.graphs.policy.domain import load_pack
 
-        assert load_pack("banking").intent(decision["target"]).faq.split()[0] in data["reply"]
+    faq = load_pack("banking").intent("transfer_into_account").faq
+    check_guard_verdict(message, data["reply"], data["trace"])
+    assert data["reply"].endswith(faq)
 
 
-def test_session_survives_replica_kill(app_url: str) -> None:
+DESTRUCTIVE_APP = "coact-kill"
+
+
+def test_session_survives_replica_kill(serve_app) -> None:
+    """Kills replicas, so on an app of its own: the app the other tests share is never touched."""
     import ray
-    from ray import serve
 
-    first = chat(app_url, AMBIGUOUS)
+    url = serve_app(DESTRUCTIVE_APP, {"responder": {"generate": False}})
+    first = chat(url, AMBIGUOUS)
     assert first["action"]["kind"] == "ask"
-    killed = []
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        name = actor["name"]
-        if name.startswith("SERVE_REPLICA::") and ("ChatIngress" in name or "DecisionActor" in name):
-            ray.kill(ray.get_actor(name, namespace=actor["namespace"]), no_restart=True)
-            killed.append(name)
+    killed = replicas(DESTRUCTIVE_APP, "ChatIngress", "DecisionActor")
     assert len(killed) >= 2, killed
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"] in killed:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     # Serve's controller replaces the replicas; wait until the application is running again.
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get("coact")
-        if status and status.status == "RUNNING":
-            try:
-                if httpx.get(f"{app_url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-        time.sleep(1)
-    second = chat(app_url, "yes", first["session_id"])
+    wait_running(DESTRUCTIVE_APP, url, timeout_s=180)
+    second = chat(url, "yes", first["session_id"])
     assert second["action"]["name"] == "freeze_card"
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert not set(killed) & alive  # they really were replaced, not reused
+    assert not killed & replicas(DESTRUCTIVE_APP, "ChatIngress", "DecisionActor")  # replaced, not reused
 
 
 def test_concurrent_requests_are_batched(app_url: str) -> None:
@@ -171,37 +154,30 @@ def test_invalid_json_and_unknown_sessions(app_url: str) -> None:
     assert httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).status_code == 404
 
 
-def test_overload_gets_503_with_retry_after(app_url: str, models_dir) -> None:
+def test_overload_gets_503_with_retry_after(serve_app) -> None:
     """A second app whose Responder takes one turn at a time and queues one more: the rest are shed."""
-    from ray import serve
+    url = serve_app("coact-overload", {"responder": {"max_new_tokens": 8, "deployment": {
+        "max_ongoing_requests": 1, "max_queued_requests": 1}}})
 
-    from coact.cluster.local import deploy
+    def post(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat", json={"message": f"How do I top up {i} euros by card?"}, timeout=180)
 
-    port = int(app_url.rsplit(":", 1)[1])
-    url = deploy({"models": str(models_dir), "max_new_tokens": 8, "responder_max_ongoing_requests": 1,
-                  "responder_max_queued_requests": 1}, port=port, name="coact-overload", route_prefix="/overload")
-    try:
-        def post(i: int) -> httpx.Response:
-            return httpx.post(f"{url}/v1/chat", json={"message": f"How do I top up {i} euros by card?"}, timeout=180)
-
-        with cf.ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(post, range(12)))
-        codes = sorted(r.status_code for r in responses)
-        assert set(codes) <= {200, 503}, codes
-        shed = [r for r in responses if r.status_code == 503]
-        assert shed and codes.count(200) >= 1, codes
-        for r in shed:
-            assert int(r.headers["retry-after"]) >= 1
-            assert r.json()["error"].startswith("overloaded")
-    finally:
-        serve.delete("coact-overload")
+    with cf.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(post, range(12)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes
+    shed = [r for r in responses if r.status_code == 503]
+    assert shed and codes.count(200) >= 1, codes
+    for r in shed:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"].startswith("overloaded")
 
 
 def test_chat_cli_talks_to_the_app(app_url: str) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", app_url, "--trace"],
+    out = subprocess.run([sys.executable, "-m", "coact.cluster.cli", "chat", "--url", app_url, "--trace"],
                          input="I see a payment I don't recognise\nyes\n\n", capture_output=True, text=True,
                          timeout=300, check=True).stdout
     assert out.count("bot>") == 2

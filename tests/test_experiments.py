@@ -11,7 +11,7 @@ import pytest
 
 from coact.cluster.experiments import loadgen as L
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.serve
 
 SUMMARY_KEYS = {"turns", "turns_ok", "turns_error", "full_turns", "sessions", "wall_s", "throughput_tps",
                 "latency_ms", "stage_ms", "proxy_overhead_ms", "reasoner_batch", "actions", "errors"}
@@ -126,7 +126,7 @@ def test_tune_serving_two_trials(app_url: str, tmp_path: Path) -> None:
 
 def test_decision_engine_benchmark_quick(tmp_path: Path) -> None:
     """bench_inference --quick: every policy query replayed through pgmpy gives the same posterior."""
-    from coact.cluster import bench_inference
+    from coact.cluster.experiments import bench_inference
 
     out = tmp_path / "inference.json"
     bench_inference.main(["--quick", "--json", str(out)])

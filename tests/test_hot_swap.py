@@ -8,28 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.helpers.serve import replicas
+
+pytestmark = pytest.mark.serve
 
 APP = "coact-swap"
-
-
-def _config(models_dir: Path, intent_model: str | None):
-    from ray.serve.schema import ServeDeploySchema
-
-    app = {"name": APP, "route_prefix": "/swap", "import_path": "coact.graphs.serving.app:build_app",
-           "args": {"models": str(models_dir), "generate": False}}
-    if intent_model:
-        # What an operator edits in the config file before `serve deploy`: the code version (import
-        # path, runtime env, args) is unchanged, so Serve calls `reconfigure` on the live replicas.
-        app["deployments"] = [{"name": "IntentActor", "user_config": {"intent_model": intent_model}}]
-    return ServeDeploySchema.model_validate({"applications": [app]})
-
-
-def _intent_replicas() -> set[str]:
-    import ray
-
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{APP}#IntentActor")}
 
 
 def _intent_version(url: str) -> str:
@@ -38,22 +21,7 @@ def _intent_version(url: str) -> str:
     return r.json()["trace"]["model_versions"]["intent"]
 
 
-def _wait_running(timeout_s: float = 300) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
-        if status and status.status == "RUNNING":
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{APP} not RUNNING: {serve.status().applications.get(APP)}")
-
-
-def test_intent_model_hot_swap(app_url: str, models_dir: Path, tmp_path: Path) -> None:
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
+def test_intent_model_hot_swap(serve_app, models_dir: Path, tmp_path: Path) -> None:
     from coact.actors.models import read_meta
     from coact.cluster.jobs import train_intent
 
@@ -65,22 +33,20 @@ def test_intent_model_hot_swap(app_url: str, models_dir: Path, tmp_path: Path) -
     old_version = read_meta(models_dir / "intent")["version"]
     assert new_version != old_version
 
-    client = _get_global_client()
-    url = app_url.rstrip("/") + "/swap"
-    try:
-        client.deploy_apps(_config(models_dir, None))
-        _wait_running()
-        assert _intent_version(url) == old_version
-        replicas = _intent_replicas()
-        assert replicas
+    # Deployed from a Serve config, as `serve deploy` does.
+    url = serve_app(APP, {"responder": {"generate": False}}, deployments=[])
+    assert _intent_version(url) == old_version
+    before = replicas(APP, "IntentActor")
+    assert before
 
-        client.deploy_apps(_config(models_dir, str(tmp_path / "intent-b")))
-        deadline = time.monotonic() + 120
-        version = old_version
-        while version != new_version and time.monotonic() < deadline:
-            time.sleep(1)
-            version = _intent_version(url)
-        assert version == new_version
-        assert _intent_replicas() == replicas  # reconfigured in place, not replaced
-    finally:
-        serve.delete(APP)
+    # What an operator edits in the config file before `serve deploy`: the code version (import path,
+    # runtime env, args) is unchanged, so Serve calls `reconfigure` on the live replicas.
+    serve_app(APP, {"responder": {"generate": False}}, deployments=[{"name": "IntentActor",
+                                                      "user_config": {"intent_model": str(tmp_path / "intent-b")}}])
+    deadline = time.monotonic() + 120
+    version = old_version
+    while version != new_version and time.monotonic() < deadline:
+        time.sleep(1)
+        version = _intent_version(url)
+    assert version == new_version
+    assert replicas(APP, "IntentActor") == before  # reconfigured in place, not replaced

@@ -1,6 +1,6 @@
 """Every job entrypoint through `ray job submit`, and one through the Jobs API (JobSubmissionClient).
 
-The head (`cluster.head`, fixture `ray_head`) is a real `ray start --head` with the dashboard and token
+The head (`cluster.runtime.start_head`, fixture `ray_head`) is a real `ray start --head` with the dashboard and token
 authentication on; the clients get its token deliberately (env for the CLI, a header for the SDK). The four
 CLI submissions run concurrently (smallest configurations) so the suite pays for the slowest, not the sum.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from coact.cluster.head import PrivateHead
+from coact.cluster.runtime import PrivateHead
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 SUBMIT_TIMEOUT_S = 900.0
 # The uploaded package is the source tree only (Ray also skips .gitignored paths; this makes it explicit).
@@ -49,7 +49,7 @@ def job_args(name: str, models_dir: Path, out: Path) -> list[str]:
     }[name]
 
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.cluster
 JOBS = ("train_intent", "evaluate", "tune_intent", "tune_policy")
 
 
@@ -60,7 +60,7 @@ def api_submission(ray_head: PrivateHead, models_dir: Path, tmp_path_factory: py
 
     client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers())
     out = tmp_path_factory.mktemp("jobs-api") / "eval"
-    entrypoint = " ".join(["python", "-m", "cluster.jobs.evaluate", "--model", str(models_dir / "intent"),
+    entrypoint = " ".join(["python", "-m", "coact.cluster.jobs.evaluate", "--model", str(models_dir / "intent"),
                            "--limit", "100", "--oos-limit", "50", "--out", str(out), "--no-progress",
                            "--threads", "1"])
     job_id = client.submit_job(entrypoint=entrypoint, metadata={"test": "jobs-api"},
@@ -80,7 +80,7 @@ def cli_submissions(ray_head: PrivateHead, models_dir: Path, tmp_path_factory: p
         out, log = root / name, root / f"{name}.log"
         cmd = [RAY, "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", ".",
                "--runtime-env-json", renv, "--submission-id", f"coact-{name}-{os.getpid()}",
-               "--", "python", "-m", f"cluster.jobs.{name}", *job_args(name, models_dir, out)]
+               "--", "python", "-m", f"coact.cluster.jobs.{name}", *job_args(name, models_dir, out)]
         with open(log, "wb") as f:
             procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=ray_head.client_env(), stdout=f,
                                             stderr=subprocess.STDOUT), out, log, time.monotonic())
@@ -117,12 +117,19 @@ def test_client_without_token_is_refused(ray_head: PrivateHead, tmp_path: Path) 
 
 def test_submit_train_intent(cli_submissions: dict) -> None:
     from coact.actors.intent_models import SequenceIntentClassifier, load_intent_model
+    from coact.actors.models import read_meta
 
     out = succeeded(cli_submissions, "train_intent")["out"]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary
     history = pd.read_csv(out / "history.csv")
-    assert len(history) >= 1
+    # The summary describes the run that was asked for (job_args) and the model folder it wrote.
+    assert (summary["config"]["epochs"], summary["config"]["max_length"]) == (1, 16), summary["config"]
+    assert summary["epochs_run"] == len(history) == 1 and summary["best_epoch"] == 1
+    assert summary["model"] == str(out / "model") and summary["version"] == read_meta(out / "model")["version"]
+    best = history.iloc[summary["best_epoch"] - 1]
+    assert summary["val"] == pytest.approx({k: float(best[k]) for k in ("val_accuracy", "val_macro_f1", "val_loss")})
+    assert 0 < summary["n_train"] <= 3 * 78 and 0 < summary["n_val"] <= 2 * 78, summary
+    assert "test" not in summary  # --no-test
     model = load_intent_model(out / "model")  # the job's model folder loads in this process
     assert isinstance(model, SequenceIntentClassifier) and len(model.labels) == 78
 

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.models
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,6 +112,7 @@ def test_train_tiny_and_load(models_dir: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- tune_intent.py
 
+@pytest.mark.cluster  # Ray Tune starts a Ray of its own
 def test_tune_smoke(models_dir: Path, tmp_path: Path) -> None:
     import ray
 

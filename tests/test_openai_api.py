@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from operator import itemgetter
 
 import httpx
 import pytest
 
-openai = pytest.importorskip("openai")
+from tests.helpers.data import require_module
+from tests.helpers.serve import check_guard_verdict
 
-pytestmark = pytest.mark.e2e
+openai = require_module("openai")  # a test dependency: skipped when absent, a failure in CI
+
+pytestmark = pytest.mark.serve
 
 MODEL = "coact-banking"
 AMBIGUOUS = "I see a payment I don't recognise"
@@ -41,6 +45,7 @@ def test_completion_keeps_the_session_across_calls(app_url: str) -> None:
     first = c.chat.completions.create(model=MODEL, messages=history, user=sid)
     assert first.object == "chat.completion" and first.choices[0].finish_reason == "stop"
     reply = first.choices[0].message.content
+    check_guard_verdict(AMBIGUOUS, reply, ext(first)["trace"])
     assert ext(first)["session_id"] == sid
     assert ext(first)["action"]["kind"] == "ask"
     decision = next(s for s in ext(first)["trace"]["stages"] if s["stage"] == "decision")["output"]
@@ -64,10 +69,14 @@ def test_streaming_chunks_and_header_session(app_url: str) -> None:
     final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     info = ext(final)
     assert final.choices[0].finish_reason == "stop"
-    assert info["session_id"] == sid and info["source"] in {"model", "template"}
-    if not info["replaced"]:
-        assert text == info["reply"]
-    assert info["reply"] in text or info["replaced"]
+    assert info["session_id"] == sid
+    # The reply that was sent is the guard's verdict on what the LM wrote (source, guard and text agree).
+    assert (info["source"], info["guard"]) == itemgetter("source", "guard")(info["trace"]["stages"][-1]["output"])
+    check_guard_verdict(AMBIGUOUS, info["reply"], info["trace"])
+    # OpenAI clients only append: the text ends with the reply, and differs from it exactly when streamed text
+    # was withdrawn (the reply then follows it on a new line).
+    assert text.endswith(info["reply"]), (text, info["reply"])
+    assert info["replaced"] == (text != info["reply"]), (info["replaced"], text, info["reply"])
     assert chunks[-1].usage is not None and chunks[-1].choices == []  # include_usage: a last, empty chunk
     # More than the first and the last chunk: the reply arrived in pieces.
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2

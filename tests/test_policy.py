@@ -13,7 +13,9 @@ from coact.graphs.policy.decide import (
     expected_utilities,
     value_of_information,
 )
-from tests.test_bayesnet import random_network
+from tests.helpers.networks import random_network
+
+pytestmark = pytest.mark.unit
 
 # --------------------------------------------------------------------------- the clinic example
 #

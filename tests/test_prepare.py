@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from coact.actors import models as M  # noqa: E402
 from coact.cluster import prepare as P  # noqa: E402
 
+pytestmark = pytest.mark.models
+
 
 @pytest.fixture(scope="module")
 def built() -> Path:
@@ -223,7 +225,7 @@ def test_save_tensors_handles_fortran_order(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
     w = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
-    P._save_tensors({"weight": w}, tmp_path / "t.safetensors")
+    P.save_tensors({"weight": w}, tmp_path / "t.safetensors")
     np.testing.assert_array_equal(load_file(str(tmp_path / "t.safetensors"))["weight"], w)
 
 

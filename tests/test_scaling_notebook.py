@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.notebook_run import run_notebook
+from tests.helpers import REPO
+from tests.helpers.notebooks import run_notebook
 
-SAMPLE = Path(__file__).resolve().parents[1] / "cluster" / "experiments" / "sample_results"
+pytestmark = pytest.mark.unit
+
+SAMPLE = REPO / "cluster" / "experiments" / "sample_results"
 
 
 def test_scaling_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COACT_SCALING_RESULTS", str(SAMPLE))
-    outputs = run_notebook("scaling.ipynb", monkeypatch, timeout_s=300)
+    run = run_notebook("scaling.ipynb", monkeypatch, timeout_s=300)
+    outputs = run.outputs
     text = "".join(o.get("text", "") for o in outputs)
     assert "sweep points" in text and "predicted / measured p99" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]

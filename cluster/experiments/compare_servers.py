@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-from pathlib import Path
 
 import httpx
 
-from coact.cluster.bench_graph import _drive, _percentile, graph_turn, messages
+from coact.cluster.experiments.harness import drive, graph_turn, messages, percentile, write_result
 
 
 async def _level(url: str, msgs: list[str], concurrency: int) -> list[float]:
     async with httpx.AsyncClient(timeout=600) as client:
         turn = graph_turn(url, client)
         await turn(msgs[0])  # warm the replicas' caches for this level
-        lat, _ = await _drive(turn, msgs, concurrency)
+        lat, _ = await drive(turn, msgs, concurrency)
     return lat
 
 
@@ -57,13 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nconcurrency | A p50 / p99 ms | B p50 / p99 ms | p50 ratio B/A | p99 ratio B/A")
     for c, sides in res.items():
         a50, b50 = statistics.median(sides["a"]), statistics.median(sides["b"])
-        a99, b99 = _percentile(sides["a"], 0.99), _percentile(sides["b"], 0.99)
+        a99, b99 = percentile(sides["a"], 99, "nearest"), percentile(sides["b"], 99, "nearest")
         rows.append({"concurrency": c, "a_p50_ms": a50, "a_p99_ms": a99, "b_p50_ms": b50, "b_p99_ms": b99,
                      "p50_ratio": b50 / a50, "p99_ratio": b99 / a99, "n": len(sides["a"])})
         print(f"{c:>11} | {a50:6.0f} / {a99:<6.0f} | {b50:6.0f} / {b99:<6.0f} | {b50 / a50:13.2f} | {b99 / a99:13.2f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    write_result(args.json, args=vars(args), rows=rows)
     return 0
 
 

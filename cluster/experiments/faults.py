@@ -31,29 +31,16 @@ from pathlib import Path
 import ray
 
 from coact.actors.session_store import HEAD_RESOURCE
+from coact.cluster.experiments import harness as H
 from coact.cluster.experiments.autoscaling import (
-    APP,
     DEPLOYMENTS,
     GPU_DEPLOYMENTS,
-    LOOPBACK_ENV,
-    OFFLINE_ENV,
     REPO,
-    ClosedLoopLoad,
-    Record,
     Sampler,
-    _alive,
-    _kill_pids,
-    _pids_naming,
-    auth_env,
     cluster_nodes,
-    free_port,
-    latency_by_interval,
     serve_replicas,
-    use_token_from_env,
-    wait_for,
-    wait_healthy,
-    write_csv,
 )
+from coact.cluster.runtime import free_port, init_ray, kill_leftovers, use_cluster_token, wait_healthy
 
 SERVE_NAMESPACE = "serve"
 _saved_env: dict[str, str | None] = {}  # what start_cluster changed in this process, restored by stop_cluster
@@ -72,11 +59,11 @@ def start_cluster(tmp: Path, gpu_nodes: int, gpus_per_node: int):
     # RAY_TMPDIR: Cluster writes (and on shutdown deletes) `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`,
     # the file `ray.init("auto")` reads; in /tmp/ray it would be other local clusters' file.
     _saved_env.update({k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")})
-    os.environ.update({**OFFLINE_ENV, **LOOPBACK_ENV, **auth_env(token), "HOME": str(home), "RAY_TMPDIR": str(tmp),
-                       "COACT_MODELS_DIR": str(REPO / "models"),
+    os.environ.update({"HOME": str(home), "RAY_TMPDIR": str(tmp), "COACT_MODELS_DIR": str(REPO / "models"),
                        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
-    use_token_from_env()
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # see autoscaling.LOOPBACK_ENV
+    # ray.cluster_utils.Cluster starts raylets in this process (not `ray start --address`, which the loopback
+    # flag refuses), so the head is not runtime.start_head's; its environment and token are set the same way.
+    use_cluster_token(token)
 
     def ports() -> dict:
         return {"dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
@@ -89,35 +76,28 @@ def start_cluster(tmp: Path, gpu_nodes: int, gpus_per_node: int):
         "object_store_memory": 200 * 1024**2, **ports()})
     workers = [cluster.add_node(num_cpus=2, num_gpus=gpus_per_node, object_store_memory=150 * 1024**2, **ports())
                for _ in range(gpu_nodes)]
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace="coact", log_to_driver=False)
+    init_ray(cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
     return cluster, workers, f"http://127.0.0.1:{dashboard_port}"
 
 
 def app_config(port: int, args: argparse.Namespace) -> dict:
     """GPU-style config (Reasoner/Responder ask one logical GPU each), two replicas of every deployment."""
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": APP, "route_prefix": "/", "import_path": "coact.graphs.serving.app:build_app",
-            "args": {"models": str(REPO / "models"), "generate": args.max_new_tokens > 0,
-                     "max_new_tokens": max(1, args.max_new_tokens), "reasoner_num_gpus": 1,
-                     "responder_num_gpus": 1, "reasoner_replicas": 2, "responder_replicas": 2, "encoder_threads": 1},
-            "deployments": [
-                # The HTTP-facing replica stays on the head, beside the proxy: a worker-node crash then only
-                # takes stage replicas, whose calls the ingress retries. Where it is not pinned, a crash
-                # that takes an ingress replica fails its requests in flight with the proxy's 500.
-                {"name": "ChatIngress", "num_replicas": 2,
-                 "ray_actor_options": {"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 0.001}}},
-                {"name": "IntentActor", "num_replicas": 2},
-                {"name": "DecisionActor", "num_replicas": 2},
-                # One replica per node: a node crash must not take every replica of a stage at once (seen
-                # without it: both Responders on the crashed node, ~50 s with no Responder, turns waiting 70 s).
-                {"name": "ReasonerActor", "max_replicas_per_node": 1},
-                {"name": "ResponderActor", "max_replicas_per_node": 1},
-            ],
-        }],
-    }
+    return H.serve_config(port, {
+        # The HTTP-facing replica stays on the head, beside the proxy: a worker-node crash then only
+        # takes stage replicas, whose calls the ingress retries. Where it is not pinned, a crash
+        # that takes an ingress replica fails its requests in flight with the proxy's 500.
+        "ingress": {"deployment": {"num_replicas": 2,
+                                   "ray_actor_options": {"resources": {HEAD_RESOURCE: 0.001}}}},
+        "intent": {"threads": 1, "deployment": {"num_replicas": 2}},
+        "decision": {"deployment": {"num_replicas": 2}},
+        # One replica per node: a node crash must not take every replica of a stage at once (seen
+        # without it: both Responders on the crashed node, ~50 s with no Responder, turns waiting 70 s).
+        "reasoner": {"threads": 1, "deployment": {"num_replicas": 2, "max_replicas_per_node": 1,
+                                                  "ray_actor_options": {"num_gpus": 1}}},
+        "responder": {"generate": args.max_new_tokens > 0, "max_new_tokens": max(1, args.max_new_tokens),
+                      "deployment": {"num_replicas": 2, "max_replicas_per_node": 1,
+                                     "ray_actor_options": {"num_gpus": 1}}},
+    })
 
 
 def all_running(target: int = 2, without_replica: str | None = None, without_node: str | None = None) -> bool:
@@ -165,7 +145,7 @@ def kill_node(cluster, workers: list) -> dict:
             "recovered": lambda: all_running(without_node=victim.node_id)}
 
 
-def attribute(records: list[Record], events: list[dict]) -> list[dict]:
+def attribute(records: list[H.Record], events: list[dict]) -> list[dict]:
     """Failures and latency per fault: requests that ended between a fault and the next one."""
     out = []
     for i, ev in enumerate(events):
@@ -183,7 +163,7 @@ def attribute(records: list[Record], events: list[dict]) -> list[dict]:
     return out
 
 
-def check_sessions(url: str, load: ClosedLoopLoad) -> dict:
+def check_sessions(url: str, load: H.ClosedLoopLoad) -> dict:
     """Every conversation a client saw answered must still be there with at least those turns."""
     import httpx
 
@@ -204,13 +184,8 @@ def check_sessions(url: str, load: ClosedLoopLoad) -> dict:
             "more_turns_than_answered": extra}
 
 
-def plot(path: Path, rows: list[dict], records: list[Record], events: list[dict], t0: float, interval_s: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+def plot(path: Path, rows: list[dict], records: list[H.Record], events: list[dict], t0: float, interval_s: float) -> None:
+    fig, axes = H.timeline_axes(3, (11, 9))
     t = [r["wall"] - t0 for r in rows]
     for dep in DEPLOYMENTS:
         axes[0].step(t, [r[f"running_{dep}"] for r in rows], where="post", label=dep)
@@ -241,34 +216,23 @@ def plot(path: Path, rows: list[dict], records: list[Record], events: list[dict]
     for ev in events:
         axes[0].text(ev["wall"] - t0, 0.03, ev["what"].replace("kill ", ""), rotation=90, fontsize=7,
                      va="bottom", transform=axes[0].get_xaxis_transform())
-    fig.suptitle("coact under faults: replica kills, session-store kill, worker node crash")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    H.save_figure(fig, path, "coact under faults: replica kills, session-store kill, worker node crash")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/faults/<time>)")
-    p.add_argument("--quick", action="store_true", help="short gaps between faults, for the test suite")
+    p = H.experiment_parser(__doc__, "faults", "short gaps between faults, for the test suite")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--warmup-s", type=float, default=15.0, help="steady load before the first fault")
     p.add_argument("--gap-s", type=float, default=25.0, help="time between faults")
     p.add_argument("--tail-s", type=float, default=20.0, help="steady load after recovery from the last fault")
     p.add_argument("--recover-timeout-s", type=float, default=180.0)
-    p.add_argument("--max-new-tokens", type=int, default=4, help="0: templates only (no LM generation)")
     p.add_argument("--gpu-nodes", type=int, default=3)
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--client-timeout-s", type=float, default=150.0, help="a request slower than this is a hang")
-    p.add_argument("--interval-s", type=float, default=5.0)
-    p.add_argument("--deploy-timeout-s", type=float, default=400.0)
-    p.add_argument("--keep-tmp", action="store_true")
-    args = p.parse_args(argv)
+    args = H.parse_experiment(p, argv, "faults")
     if args.quick:
         args.warmup_s, args.gap_s, args.tail_s = 8.0, min(args.gap_s, 12.0), min(args.tail_s, 10.0)
         args.clients = min(args.clients, 4)
-    if args.out is None:
-        args.out = REPO / "results" / "faults" / time.strftime("%Y%m%d-%H%M%S")
     return args
 
 
@@ -277,7 +241,7 @@ def run(args: argparse.Namespace) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="coact-ft-", dir="/tmp"))
-    summary: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    summary: dict = {"args": H.args_dict(args)}
     events: list[dict] = []
     cluster = sampler = load = None
     url = ""
@@ -292,13 +256,13 @@ def run(args: argparse.Namespace) -> dict:
         t_deploy = time.time()
         ServeSubmissionClient(dashboard).deploy_applications(config)
         wait_healthy(url, args.deploy_timeout_s)
-        if wait_for(all_running, args.deploy_timeout_s, 1.0) is None:
+        if H.wait_for(all_running, args.deploy_timeout_s, 1.0) is None:
             raise TimeoutError("not every deployment reached 2 RUNNING replicas")
         summary["s_deploy_to_ready"] = round(time.time() - t_deploy, 1)
         summary["store_at_start"] = store_placement()
         summary["head_node_id"] = next(n for n, v in cluster_nodes().items() if v["kind"] == "head")
 
-        load = ClosedLoopLoad(url, args.clients, timeout_s=args.client_timeout_s)
+        load = H.ClosedLoopLoad(url, args.clients, timeout_s=args.client_timeout_s)
         sampler = Sampler(load, period_s=1.0)
         t0 = sampler.t0 = time.time()
         sampler.start()
@@ -312,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
             ev["t"] = round(wall - t0, 1)
             events.append(ev)
             # Capacity is back when Serve reports every deployment at full strength without the lost part.
-            took = wait_for(ev.pop("recovered"), args.recover_timeout_s, 0.5)
+            took = H.wait_for(ev.pop("recovered"), args.recover_timeout_s, 0.5)
             ev["recovered_s"] = None if took is None else round(time.time() - wall, 1)
             time.sleep(max(0.0, args.gap_s - (time.time() - wall)))
 
@@ -351,14 +315,12 @@ def run(args: argparse.Namespace) -> dict:
     }
     summary["recovery_s"] = {e["what"]: e.get("recovered_s") for e in faults}
     summary["sampler_errors"] = sampler.errors[:20] if sampler else []
-    lat = latency_by_interval(records, t0, args.interval_s)
-    write_csv(args.out / "requests.csv", [{"client": r.client, "start": round(r.start - t0, 3),
+    lat = H.latency_by_interval(records, t0, args.interval_s)
+    H.write_csv(args.out / "requests.csv", [{"client": r.client, "start": round(r.start - t0, 3),
                                            "end": round(r.end - t0, 3), "status": r.status,
                                            "retry_after": r.retry_after, "error": r.error} for r in records])
-    write_csv(args.out / "timeline.csv", [{k: v for k, v in r.items() if k != "wall"} for r in sampler.rows])
-    write_csv(args.out / "latency.csv", [{"t_start": k * args.interval_s, **{kk: vv for kk, vv in v.items()
-                                                                            if kk != "codes"},
-                                          "codes": json.dumps(v["codes"])} for k, v in lat.items()])
+    H.write_csv(args.out / "timeline.csv", [{k: v for k, v in r.items() if k != "wall"} for r in sampler.rows])
+    H.write_csv(args.out / "latency.csv", H.interval_rows(lat, args.interval_s))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(args.out / "faults.png", sampler.rows, records, events[1:-1], t0, args.interval_s)
     return summary
@@ -377,9 +339,7 @@ def stop_cluster(cluster, tmp: Path) -> dict:
         ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
-    leftover = [p for p in _pids_naming(str(tmp)) if _alive(p)]
-    _kill_pids(leftover)
-    report["leftover_killed"] = leftover
+    report["leftover_killed"] = kill_leftovers(str(tmp), wait_s=0)["leftover_killed"]
     for key, value in _saved_env.items():  # e.g. matplotlib must not write into the private HOME
         if value is None:
             os.environ.pop(key, None)
@@ -388,12 +348,7 @@ def stop_cluster(cluster, tmp: Path) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    summary = run(args)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("args",)}, indent=1, default=str))
-    print(f"wrote {args.out}")
-    return 0
+main = H.experiment_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
+from coact.cluster.experiments.harness import percentile
 from coact.cluster.experiments.machine import CpuMeter, facts
 
 STAGES = ("session", "intent", "reasoner", "decision", "responder")
@@ -206,7 +207,7 @@ class Runner:
 def _pct(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {f"p{q}": float("nan") for q in PERCENTILES} | {"mean": float("nan")}
-    out = {f"p{q}": round(float(np.percentile(values, q)), 2) for q in PERCENTILES}
+    out = {f"p{q}": round(percentile(values, q), 2) for q in PERCENTILES}
     out["mean"] = round(float(values.mean()), 2)
     return out
 
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from coact.cluster.local import quiet_env
+    from coact.cluster.runtime import quiet_env
 
     quiet_env()
     args = build_parser().parse_args(argv)

@@ -18,32 +18,35 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
+import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from coact.cluster.experiments.harness import start_ray, stop_ray, write_csv
 from coact.cluster.experiments.loadgen import STAGES, LoadConfig, opening_messages, run_load, write_records
 from coact.cluster.experiments.machine import facts, ray_cluster_root_pids
+from coact.graphs.serving.http import AppConfig
 
 APP = "coact-sweep"
 STAGE_DEPLOYMENT = {"intent": "IntentActor", "reasoner": "ReasonerActor", "decision": "DecisionActor",
                     "responder": "ResponderActor"}
-# Logical CPUs per replica, as graphs/app.py and the actors ask for them (ingress 0.1 + store ~0).
-REPLICA_CPUS = {"intent": 0.25, "reasoner": 0.25, "decision": 0.1, "responder": 0.5, "ingress": 0.1}
+_DEFAULTS = AppConfig()
+# Logical CPUs per replica, as the app config asks for them (the session store ~0).
+REPLICA_CPUS = {s: getattr(_DEFAULTS, s).deployment.ray_actor_options.num_cpus
+                for s in ("intent", "reasoner", "decision", "responder", "ingress")}
 
 
 @dataclass(frozen=True)
 class ServingConfig:
+    """The swept knobs (also tune_serving's search space); their defaults are the app's."""
+
     reasoner_replicas: int = 1
     responder_replicas: int = 1
-    reasoner_max_batch_size: int = 32
-    reasoner_batch_wait_s: float = 0.01
-    responder_max_batch_size: int = 8
-    responder_batch_wait_s: float = 0.02
+    reasoner_max_batch_size: int = _DEFAULTS.reasoner.batching.max_batch_size
+    reasoner_batch_wait_s: float = _DEFAULTS.reasoner.batching.batch_wait_timeout_s
+    responder_max_batch_size: int = _DEFAULTS.responder.batching.max_batch_size
+    responder_batch_wait_s: float = _DEFAULTS.responder.batching.batch_wait_timeout_s
 
     @property
     def label(self) -> str:
@@ -56,7 +59,14 @@ class ServingConfig:
                 + self.responder_replicas * r["responder"])
 
     def app_args(self, base: dict) -> dict:
-        return {**base, **asdict(self)}
+        """build_app args: `base` with this point's replicas and batching in the stages' sections."""
+        args = copy.deepcopy(base)
+        for stage in ("reasoner", "responder"):
+            section = args.setdefault(stage, {})
+            section.setdefault("deployment", {})["num_replicas"] = getattr(self, f"{stage}_replicas")
+            section["batching"] = {"max_batch_size": getattr(self, f"{stage}_max_batch_size"),
+                                   "batch_wait_timeout_s": getattr(self, f"{stage}_batch_wait_s")}
+        return args
 
 
 OFF = {"reasoner_max_batch_size": 1, "reasoner_batch_wait_s": 0.0, "responder_max_batch_size": 1,
@@ -73,44 +83,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def start_ray(num_cpus: int | None = 4) -> tuple[bool, str | None]:
-    """Attach (initialised / job) or start a private local Ray; (started_here, its temp dir)."""
-    import ray
-
-    from coact.cluster.jobs.common import inside_ray_job
-    from coact.cluster.local import quiet_env
-
-    quiet_env()
-    if ray.is_initialized():
-        return False, None
-    if inside_ray_job():
-        ray.init()
-        return True, None
-    from coact.cluster.experiments.serve_metrics import FINE_BUCKETS_ENV
-
-    tmp = tempfile.mkdtemp(prefix="coact-exp-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    os.environ.update(FINE_BUCKETS_ENV)  # inherited by the raylet and so by every replica it starts
-    # Serve's metrics every 2 s instead of 10 s, so a load point's counters land soon after it ends.
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             namespace="coact", _temp_dir=tmp, _system_config={"metrics_report_interval_ms": 2000})
-    return True, tmp
-
-
-def stop_ray(started: bool, tmp: str | None) -> None:
-    import ray
-
-    if started:
-        ray.shutdown()
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def deploy_config(args: dict, port: int, name: str = APP, route_prefix: str = "/", timeout_s: float = 600.0) -> str:
     """serve.run the app with these args (replacing the previous version); the URL once healthy.
 
     serve.run waits forever when replicas cannot be placed, so it runs in a thread with a deadline.
     """
-    from coact.cluster.local import deploy
+    from coact.cluster.runtime import deploy
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(deploy, args, port=port, timeout_s=timeout_s, name=name, route_prefix=route_prefix)
@@ -158,14 +136,6 @@ def run_point(url: str, cfg: ServingConfig, concurrency: int, duration: float, m
     return flatten(cfg, load, sm.per_deployment(before, after, app)), load["records"]
 
 
-def write_points(path: Path, rows: list[dict]) -> None:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -208,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from coact.cluster.prepare import ensure_models
 
-            base = {"models": str(ensure_models()), "max_new_tokens": args.max_new_tokens}
+            base = {"models": str(ensure_models()), "responder": {"max_new_tokens": args.max_new_tokens}}
             meta["base_args"] = base
             runs = [(c, None, APP) for c in preset["configs"]]
         for cfg, url, app in runs:
@@ -219,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 row, records = run_point(url, cfg, c, duration, messages, mport, app, args.seed)
                 rows.append(row)
                 write_records(out / "turns.csv", records, {"config": cfg.label, "concurrency": c}, append=True)
-                write_points(out / "points.csv", rows)
+                write_csv(out / "points.csv", rows)
                 print(f"[sweep] {cfg.label} c={c}: {row['throughput_tps']:.3f} turns/s p50 {row['latency_ms_p50']:.0f}"
                       f" p99 {row['latency_ms_p99']:.0f} ms errors {row['turns_error']}", flush=True)
         if args.url is None:

@@ -4,8 +4,6 @@
   git-ignored). Under ``ray job submit`` the repository is an uploaded copy in Ray's temp dir: pass an
   absolute ``--output`` or ``COACT_RESULTS_DIR`` (and ``COACT_MODELS_DIR``) through the runtime env.
 - seeding and torch threads;
-- attaching to Ray: reuse an initialised Ray, attach to the job's cluster under ``ray job submit``, or
-  start a private local one bound to 127.0.0.1;
 - the intent data: exactly the training set and split ``cluster.prepare`` uses (BANKING77 train + CLINC150
   oos_train + other-domain CLINC queries, stratified 10% validation, seed 0), the BANKING77 test split and
   the CLINC150 out-of-scope test queries;
@@ -15,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -27,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from coact.cluster.local import quiet_env  # noqa: F401 - re-exported for the jobs
+from coact.cluster.artifacts import write_json  # noqa: F401 - the jobs write through C.write_json
+from coact.cluster.runtime import quiet_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,21 +67,6 @@ def output_dir(job: str, output: str | Path | None = None) -> Path:
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        return str(o)
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -110,35 +93,6 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
-
-
-# ---------------------------------------------------------------- ray
-
-def inside_ray_job() -> bool:
-    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-
-
-def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Attach to Ray or start a local one; True when this call connected (the caller then shuts it down).
-
-    - already initialised (a test fixture, a notebook): reuse it, return False, leave it running;
-    - ``address`` given: attach to it;
-    - inside ``ray job submit`` (``RAY_ADDRESS``/``RAY_JOB_ID`` set): ``ray.init()`` attaches to the job's cluster;
-    - otherwise a fresh private local Ray bound to 127.0.0.1 without dashboard (``address="local"``: never
-      attach to some other cluster started on this machine with ``ray start``).
-    """
-    import ray
-
-    quiet_env()
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-    elif inside_ray_job():
-        ray.init()
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
-    return True
 
 
 # ---------------------------------------------------------------- data
@@ -207,28 +161,19 @@ def intent_labels(domain: str = "banking") -> tuple[list[str], str]:
 
 
 def load_intent_data(domain: str = "banking") -> IntentData:
-    """The training set and stratified train/validation split of ``cluster.prepare`` (same seed and order)."""
-    from sklearn.model_selection import train_test_split
-
-    from coact.cluster import datasets as D
+    """The training set and stratified train/validation split of ``cluster.prepare`` (the same assembly)."""
     from coact.cluster import prepare as P
 
     labels, oos_label = intent_labels(domain)
     index = {label: i for i, label in enumerate(labels)}
-    bank = D.load_banking77("train")
-    oos = [(t, "oos") for t, _ in D.load_clinc150("oos_train")] + P._sample_per_intent(
-        D.clinc_out_of_domain("train"), P.OOD_PER_INTENT, P.SEED)
-    texts = [t for t, _ in bank] + [t for t, _ in oos]
-    intents = [y for _, y in bank] + [oos_label] * len(oos)
-    source = ["banking77"] * len(bank) + [f"clinc:{y}" for _, y in oos]
-    idx = np.arange(len(texts))
-    tr, va = train_test_split(idx, test_size=P.VAL_FRACTION, stratify=intents, random_state=P.SEED)
+    ts = P.intent_training_set(oos_label)
+    n_bank = ts["n_banking77"]
     return IntentData(
-        texts=texts, y=np.array([index[i] for i in intents]), labels=labels, out_of_scope_label=oos_label,
-        train_idx=np.sort(tr), val_idx=np.sort(va), source=source, name="intent-train",
-        meta={"banking77_train": len(bank), "out_of_scope": len(oos), "val_fraction": P.VAL_FRACTION,
-              "split_seed": P.SEED, "ood_per_clinc_intent": P.OOD_PER_INTENT,
-              "n_bank": len(bank)},
+        texts=ts["texts"], y=np.array([index[i] for i in ts["intents"]]), labels=labels,
+        out_of_scope_label=oos_label, train_idx=ts["train_idx"], val_idx=ts["val_idx"], source=ts["source"],
+        name="intent-train",
+        meta={"banking77_train": n_bank, "out_of_scope": len(ts["texts"]) - n_bank, "val_fraction": P.VAL_FRACTION,
+              "split_seed": P.SEED, "ood_per_clinc_intent": P.OOD_PER_INTENT, "n_bank": n_bank},
     )
 
 
@@ -258,56 +203,22 @@ def load_test_data(labels: list[str], limit: int | None = None, oos_limit: int |
 
 # ---------------------------------------------------------------- embeddings
 
-_ENCODERS: dict[tuple[str, int], Any] = {}
-
-
 def encoder_fingerprint() -> str:
     from coact.actors import models as M
 
     return M.folder_fingerprint(M.minilm_path())
 
 
-def cache_dir(models: str | Path | None = None) -> Path:
-    from coact.actors import models as M
-
-    return (Path(models) if models is not None else M.models_dir()) / "cache"
-
-
 def cached_embeddings(name: str, texts: list[str], max_length: int = 64, models: str | Path | None = None,
                       log=None) -> np.ndarray:
-    """(n, 384) MiniLM sentence embeddings of ``texts``, cached in ``<models>/cache``.
-
-    The cache key is ``cluster.prepare``'s (encoder fingerprint, max length, the texts), so the embeddings
-    ``coact prepare`` computed at max length 64 are found again under their names ('banking77-train',
-    'oos-train', 'banking77-test', 'clinc-oos-test'). Other lengths get an ``-L<n>`` name suffix.
-    """
+    """(n, 384) MiniLM sentence embeddings of ``texts`` from ``<models>/cache`` (``artifacts.EmbeddingCache``,
+    the cache ``coact prepare`` fills: its 'banking77-train', 'oos-train', 'banking77-test', 'clinc-oos-test'
+    are found again at max length 64). The jobs embed on CPU."""
     from coact.actors import models as M
-    from coact.cluster import prepare as P
+    from coact.cluster.artifacts import embedding_cache
 
-    texts = [str(t) for t in texts]
-    fp = encoder_fingerprint()
-    key = P._hash(fp, int(max_length), texts, n=12)
-    stem = name if int(max_length) == P.MAX_LENGTH else f"{name}-L{int(max_length)}"
-    folder = cache_dir(models)
-    path = folder / f"emb-{stem}-{key}.npy"
-    if path.is_file():
-        emb = np.load(path)
-        if emb.shape == (len(texts), M.EMBED_DIM):
-            return emb
-    if log:
-        log(f"embedding {len(texts)} texts ({stem}, max length {max_length}) -> {path}")
-    enc_key = (str(M.minilm_path()), int(max_length))
-    if enc_key not in _ENCODERS:
-        _ENCODERS[enc_key] = M.TextEncoder(M.minilm_path(), max_length=int(max_length), device="cpu")
-    emb = _ENCODERS[enc_key].embed(texts, batch_size=32, max_length=int(max_length), progress=f"embed {stem}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, path)
-    except OSError:  # a read-only models folder: work without the cache
-        pass
-    return emb
+    folder = (Path(models) if models is not None else M.models_dir()) / "cache"
+    return embedding_cache(folder.resolve(), None, "cpu").embed(name, texts, max_length, log=log)
 
 
 def intent_embeddings(data: IntentData, max_length: int = 64, models: str | Path | None = None,
@@ -322,10 +233,9 @@ def intent_embeddings(data: IntentData, max_length: int = 64, models: str | Path
     return cached_embeddings(data.name, data.texts, max_length, models, log)
 
 
-def utterance_bank(domain: str, models_dir: Path | None) -> tuple[Any, Any, Path]:
+def utterance_bank(domain: str, models_dir: Path | None, log: Any = None) -> tuple[Any, Any, Path]:
     """The domain pack, the simulator's utterance bank for it and the models folder (built if needed)."""
-    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    quiet_env()
     from coact.cluster.bank import build_bank
     from coact.graphs.policy.domain import load_pack
 
@@ -336,4 +246,4 @@ def utterance_bank(domain: str, models_dir: Path | None) -> tuple[Any, Any, Path
         from coact.cluster.prepare import ensure_models
 
         models = ensure_models(domain)
-    return pack, build_bank(models, pack), models
+    return pack, build_bank(models, pack, log=log), models

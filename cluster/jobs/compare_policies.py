@@ -76,26 +76,21 @@ def markdown_tables(runs: Mapping[str, Any]) -> str:
         s = runs[name].natural.summary()
         lines.append(f"| {name} | {s['n']} | {s['success']:.3f} | {s['mean_turns']:.2f} | "
                      f"{s['escalation_rate']:.3f} | {s['mean_questions']:.2f} | {s['regret']:.2f} |")
-    lines += ["", "Per user kind (success / turns / escalations / regret):", "",
-              "| user kind | n | " + " | ".join(names) + " |", "|---|---:|" + "---|" * len(names)]
-    for kind in USER_KINDS:
-        stats = {name: runs[name].natural.by_user_kind()[kind] for name in names}
-        n = stats[names[0]].get("n", 0)
-        if not n:
-            continue
-        cells = [f"{_cell(s, 'success', '.3f')} / {_cell(s, 'mean_turns', '.2f')} / "
-                 f"{_cell(s, 'escalation_rate', '.2f')} / {_cell(s, 'regret', '.2f')}" for s in stats.values()]
-        lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "Per goal kind, at-risk users pooled with the stratum (success / turns / regret):", "",
-              "| goal kind | n | " + " | ".join(names) + " |", "|---|---:|" + "---|" * len(names)]
-    for kind in GOAL_KINDS:
-        stats = {name: runs[name].pooled.by_kind()[kind] for name in names}
-        n = stats[names[0]].get("n", 0)
-        if not n:
-            continue
-        cells = [f"{_cell(s, 'success', '.3f')} / {_cell(s, 'mean_turns', '.2f')} / {_cell(s, 'regret', '.2f')}"
-                 for s in stats.values()]
-        lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    def per_kind(title: str, column: str, kinds: Any, stats_of: Any, cols: tuple[tuple[str, str], ...]) -> None:
+        lines.extend(["", title, "", f"| {column} | n | " + " | ".join(names) + " |",
+                      "|---|---:|" + "---|" * len(names)])
+        for kind in kinds:
+            stats = {name: stats_of(runs[name])[kind] for name in names}
+            n = stats[names[0]].get("n", 0)
+            if n:
+                cells = [" / ".join(_cell(s, key, fmt) for key, fmt in cols) for s in stats.values()]
+                lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+
+    per_kind("Per user kind (success / turns / escalations / regret):", "user kind", USER_KINDS,
+             lambda r: r.natural.by_user_kind(),
+             (("success", ".3f"), ("mean_turns", ".2f"), ("escalation_rate", ".2f"), ("regret", ".2f")))
+    per_kind("Per goal kind, at-risk users pooled with the stratum (success / turns / regret):", "goal kind",
+             GOAL_KINDS, lambda r: r.pooled.by_kind(), (("success", ".3f"), ("mean_turns", ".2f"), ("regret", ".2f")))
     if "voi" in runs:
         lines += ["", "Paired differences with `voi` on the same users (mean ± se; natural mix; at-risk pooled):", "",
                   "| agent | success | turns | escalations | regret | at-risk success |", "|---|---:|---:|---:|---:|---:|"]

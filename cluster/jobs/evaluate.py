@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from coact.cluster.jobs import common as C
+from coact.cluster.runtime import quiet_env
 
 JOB = "evaluate"
 log = C.logger(JOB)
@@ -157,7 +158,7 @@ def evaluate(model_path: str | Path, out: str | Path | None = None, limit: int |
 
     from coact.actors.intent_models import load_intent_model
 
-    C.quiet_env()
+    quiet_env()
     timer = C.Timer()
     out = C.output_dir(JOB, out)
     C.set_threads(threads)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from coact.cluster.jobs import common as C
+from coact.cluster.runtime import quiet_env
 
 JOB = "train_intent"
 log = C.logger(JOB)
@@ -249,9 +250,9 @@ def new_network(cfg: TrainConfig, data: C.IntentData, X: np.ndarray | None = Non
 # ---------------------------------------------------------------- saving
 
 def _finish_meta(folder: Path, weight_files: list[Path], meta: dict[str, Any]) -> dict[str, Any]:
-    from coact.cluster import prepare as P
+    from coact.cluster.artifacts import content_version
 
-    meta["version"] = P._content_version(weight_files, meta)
+    meta["version"] = content_version(weight_files, meta)
     C.write_json(folder / "meta.json", meta)
     return meta
 
@@ -296,10 +297,10 @@ def save_linear_head(W: np.ndarray, b: np.ndarray, folder: Path, cfg: TrainConfi
     """Write a ``linear_head`` folder (``models/intent`` format) that ``actors.models.IntentClassifier`` loads."""
     from coact.actors import models as M
     from coact.actors.intent_models import LINEAR_HEAD
-    from coact.cluster import prepare as P
+    from coact.cluster.artifacts import save_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    P._save_tensors({"weight": W, "bias": b}, folder / "head.safetensors")
+    save_tensors({"weight": W, "bias": b}, folder / "head.safetensors")
     meta = {
         "kind": LINEAR_HEAD,
         "labels": list(data.labels),
@@ -538,7 +539,7 @@ def train_findings(out: Path, domain: str = "banking", models: Path | None = Non
     from coact.actors import models as M
     from coact.cluster import prepare as P
 
-    ctx = P._Ctx((models or M.models_dir()).resolve(), domain)
+    ctx = P.BuildContext((models or M.models_dir()).resolve(), domain)
     built = P.build_findings(ctx, out)
     return built
 
@@ -584,7 +585,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    C.quiet_env()
+    quiet_env()
     timer = C.Timer()
     out = C.output_dir(JOB, args.output)
     model_out = (args.model_out or out / "model").expanduser().resolve()

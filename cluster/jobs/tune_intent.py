@@ -45,6 +45,7 @@ import numpy as np
 
 from coact.cluster.jobs import common as C
 from coact.cluster.jobs import train_intent as T
+from coact.cluster.runtime import init_ray, quiet_env
 
 JOB = "tune_intent"
 log = C.logger(JOB)
@@ -106,7 +107,7 @@ def intent_trial(config: dict[str, Any], data: C.IntentData | None = None,
     with the model folder as a checkpoint whenever validation macro-F1 improved."""
     from ray import tune
 
-    C.quiet_env()
+    quiet_env()
     C.set_threads(threads)
     cfg = T.TrainConfig.from_dict({**(base or {}), **{k: config[k] for k in CONFIG_KEYS if k in config}})
 
@@ -227,7 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    C.quiet_env()
+    quiet_env()
     timer = C.Timer()
     out = C.output_dir(JOB, args.output)
     log(f"artefacts will go to {out}")
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"embeddings for max lengths {lengths} ready in {t0():.1f}s")
     base = {"patience": args.patience, "seed": args.seed, "init_head": "auto"}
 
-    owns_ray = C.connect_ray(args.address, args.num_cpus)
+    owns_ray = init_ray(args.address, args.num_cpus)
     try:
         import ray
 

@@ -75,17 +75,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coact.cluster.jobs import common as C
+from coact.cluster.runtime import init_ray, quiet_env
 
 TURN_PENALTY = 0.1
 ESCALATION_PENALTY = 0.5
@@ -312,25 +311,6 @@ def tune_trial(config: dict[str, Any], bank: Any = None, pack: Any = None, seed:
         tune.report({"dialogues": done, "risk_dialogues": done_risk, **trial_metrics(result, ref)})
 
 
-# ------------------------------------------------------------------------------------ ray
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Attach to Ray or start a local one; True when this call started (or connected) the driver."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False  # someone else's cluster (a test fixture, a notebook): reuse it, leave it running
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init()  # inside `ray job submit`: attach to the job's cluster
-    else:
-        # address="local": a fresh local Ray even when another one runs on this machine (plain ray.init()
-        # would attach to the latest cluster started with `ray start`).
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
-    return True
-
-
 def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Path, reference: Any = None) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -507,27 +487,15 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_kinds(reports: dict[str, dict[str, Any]]) -> str:
-    from coact.graphs.policy.simulator import GOAL_KINDS
+def format_kinds(reports: dict[str, dict[str, Any]], key: str = "by_kind") -> str:
+    """Per goal kind (``key="by_kind"``) or user kind (``"by_user_kind"``): each policy's line."""
+    from coact.graphs.policy.simulator import GOAL_KINDS, USER_KINDS
 
-    lines = [f"{'kind':13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
-    for kind in GOAL_KINDS:
+    label = "kind" if key == "by_kind" else "user kind"
+    lines = [f"{label:13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
+    for kind in GOAL_KINDS if key == "by_kind" else USER_KINDS:
         for name, rep in reports.items():
-            s = rep["by_kind"][kind]
-            if s.get("n", 0) == 0:
-                continue
-            lines.append(f"{kind:13s} {name:9s} {s['n']:6d} {s['success']:8.4f} {s['mean_turns']:6.3f} "
-                         f"{s['escalation_rate']:7.4f} {s['regret']:7.3f}")
-    return "\n".join(lines)
-
-
-def format_user_kinds(reports: dict[str, dict[str, Any]]) -> str:
-    from coact.graphs.policy.simulator import USER_KINDS
-
-    lines = [f"{'user kind':13s} {'policy':9s} {'n':>6s} {'success':>8s} {'turns':>6s} {'escal.':>7s} {'regret':>7s}"]
-    for kind in USER_KINDS:
-        for name, rep in reports.items():
-            s = rep.get("by_user_kind", {}).get(kind, {})
+            s = rep.get(key, {}).get(kind, {})
             if s.get("n", 0) == 0:
                 continue
             lines.append(f"{kind:13s} {name:9s} {s['n']:6d} {s['success']:8.4f} {s['mean_turns']:6.3f} "
@@ -589,29 +557,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    quiet_env()
     started = time.perf_counter()
-    results_root = Path(os.environ.get("COACT_RESULTS_DIR") or Path(__file__).resolve().parents[2] / "results")
-    out = args.output or results_root / "tune_policy" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = C.output_dir("tune_policy", args.output)
     log(f"artefacts will go to {out}")
 
-    from coact.cluster.bank import bank_cache_path, build_bank
-    from coact.graphs.policy.domain import load_pack
+    from coact.cluster.bank import bank_cache_path
     from coact.graphs.policy.simulator import OracleAgent, PolicyAgent, Simulator
 
-    pack = load_pack(args.domain)
-    if args.models_dir is not None:
-        models = args.models_dir.expanduser().resolve()
-    else:
-        from coact.cluster.prepare import ensure_models
-
-        models = ensure_models(args.domain)
     t0 = time.perf_counter()
-    bank = build_bank(models, pack, log=log)
+    pack, bank, models = C.utterance_bank(args.domain, args.models_dir, log=log)
     log(f"utterance bank: {len(bank)} held-out texts ({bank_cache_path(models, pack)}, "
         f"{time.perf_counter() - t0:.1f}s)")
     bank_tune, bank_eval = bank.split(0.5, seed=args.seed)
@@ -623,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         f"success {reference['success']:.4f}, turns {reference['mean_turns']:.3f}, at risk "
         f"{reference['at_risk_success']:.4f} (n={reference['at_risk_n']}), out of scope "
         f"{reference['out_of_scope_success']:.4f} (n={reference['out_of_scope_n']})")
-    owns_ray = connect(args.address, args.num_cpus)
+    owns_ray = init_ray(args.address, args.num_cpus)
     try:
         t0 = time.perf_counter()
         grid = run_tuning(args, pack, bank_tune, out, reference=reference_result)
@@ -740,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_kinds({k: all_reports[k] for k in shown}))
     print()
-    print(format_user_kinds({k: all_reports[k] for k in shown}))
+    print(format_kinds({k: all_reports[k] for k in shown}, "by_user_kind"))
     for name in shown[1:-1]:
         checks, diffs = held_out_checks(results["default"], results[name])
         print()

@@ -1,7 +1,7 @@
 """The RayService manifest carries cluster/serve/gpu.yaml verbatim as its ``serveConfigV2``.
 
 ``python -m coact.cluster.kuberay --write`` copies gpu.yaml into the manifest (between its BEGIN/END markers);
-``--check`` (and tests/test_configs.py) fail while the two differ.
+``--check`` (the default; also tests/test_configs.py) exits 1 and prints the differing lines while the two differ.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ def render(manifest: str | None = None, serve_config: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import difflib
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--write", action="store_true", help="rewrite the manifest's serveConfigV2 from gpu.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1 when the manifest's serveConfigV2 differs from gpu.yaml (the default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the manifest's serveConfigV2 from gpu.yaml")
     args = p.parse_args(argv)
     current, wanted = MANIFEST.read_text(), render()
     if current == wanted:
@@ -40,5 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         MANIFEST.write_text(wanted)
         print(f"rewrote serveConfigV2 of {MANIFEST} from {SERVE_CONFIG}")
         return 0
+    diff = difflib.unified_diff(current.splitlines(), wanted.splitlines(), "rayservice.yaml (now)",
+                                "rayservice.yaml (from gpu.yaml)", n=1, lineterm="")
+    print("\n".join(diff))
     print(f"{MANIFEST} differs from {SERVE_CONFIG}: run python -m coact.cluster.kuberay --write")
     return 1

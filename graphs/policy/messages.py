@@ -84,7 +84,6 @@ class SessionEvidence(_Wire):
 
 class DecisionRequest(_Wire):
     evidence: SessionEvidence
-    turn: int
 
 
 class InfluenceOut(_Wire):

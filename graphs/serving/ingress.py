@@ -3,11 +3,11 @@
 
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import ray
 from fastapi import FastAPI, Header, Request
@@ -126,9 +126,24 @@ def _valid_session_id(session_id: str) -> bool:
     return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
 
 
-def _overloaded(what: str, retry_after_s: float | None = None) -> JSONResponse:
+@dataclass(frozen=True)
+class TurnFailure:
+    """A turn that could not be answered (unknown session, overload), rendered by the route that ran it."""
+
+    status: int
+    error: str
+    retry_after: str | None = None
+
+    def response(self, openai: bool = False) -> JSONResponse:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        if openai:
+            return _openai_error(self.status, self.error, headers=headers)
+        return _error(self.status, self.error, headers=headers)
+
+
+def _overloaded(what: str, retry_after_s: float | None = None) -> TurnFailure:
     retry = str(max(1, round(retry_after_s))) if retry_after_s else RETRY_AFTER_S
-    return _error(503, f"overloaded: {what}; retry later", headers={"Retry-After": retry})
+    return TurnFailure(503, f"overloaded: {what}; retry later", retry)
 
 
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -152,7 +167,7 @@ def _retrying(handle: DeploymentHandle, attempts: int = 3, backoff_s: float = 0.
     return call
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=128)
+@serve.deployment  # options from AppConfig.ingress.deployment at bind time (graphs/serving/app.py)
 @serve.ingress(app)
 class ChatIngress:
     def __init__(self, intent: DeploymentHandle, reasoner: DeploymentHandle, decision: DeploymentHandle,
@@ -191,17 +206,17 @@ class ChatIngress:
     def _events(self, turn: PreparedTurn):
         return turn_events(self.stages, turn, self._responder_stream, unavailable=(BackPressureError, *_REPLICA_GONE))
 
-    async def _prepare(self, body: ChatRequest, create_missing: bool = False) -> PreparedTurn | JSONResponse:
+    async def _prepare(self, body: ChatRequest, create_missing: bool = False) -> PreparedTurn | TurnFailure:
         """The turn up to the decision, with the same error mapping as a whole turn."""
         return await self._mapped(prepare_turn(self.stages, self.pack, body, create_missing), body)
 
     async def _mapped(self, turn: Awaitable, body: ChatRequest):
-        """Await (part of) a turn under the turn timeout; known failures become 404 / 503 JSON responses."""
+        """Await (part of) a turn under the turn timeout; known failures become a TurnFailure (404 / 503)."""
         try:
             return await asyncio.wait_for(turn, self.turn_timeout_s)
         except UnknownSession:
-            return _error(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
-                               "omit session_id to start a new session")
+            return TurnFailure(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
+                                    "omit session_id to start a new session")
         except BackPressureError as e:
             return _overloaded("a stage's request queue is full", getattr(e, "retry_after_s", None))
         except TimeoutError:
@@ -224,10 +239,11 @@ class ChatIngress:
     async def chat(self, body: ChatRequest):
         if body.stream:
             turn = await self._prepare(body)
-            if isinstance(turn, JSONResponse):
-                return turn
+            if isinstance(turn, TurnFailure):
+                return turn.response()
             return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._mapped(run_turn(self.stages, self.pack, body), body)
+        resp = await self._mapped(run_turn(self.stages, self.pack, body), body)
+        return resp.response() if isinstance(resp, TurnFailure) else resp
 
     # --- OpenAI-compatible API -----------------------------------------------------------------
 
@@ -245,10 +261,8 @@ class ChatIngress:
         except openai_api.OpenAIRequestError as e:
             return _openai_error(e.status, e.message, e.param, e.code)
         turn = await self._prepare(ChatRequest(message=message, session_id=session_id), create_missing=True)
-        if isinstance(turn, JSONResponse):
-            retry = turn.headers.get("retry-after")
-            return _openai_error(turn.status_code, json.loads(turn.body)["error"],
-                                 headers={"Retry-After": retry} if retry else None)
+        if isinstance(turn, TurnFailure):
+            return turn.response(openai=True)
         headers = {openai_api.SESSION_HEADER: turn.session.session_id}
         model = openai_api.model_id(self.pack.name)
         if body.stream:

@@ -124,7 +124,7 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
                             decision=None, action=ActionOut(kind="chitchat", name=plan.reply_name), trace=trace,
                             t_start=t_start, template_reply=plan.reply)
 
-    decision, dec_ms = await _timed(stages.decide(DecisionRequest(evidence=plan.evidence, turn=session.turns + 1)))
+    decision, dec_ms = await _timed(stages.decide(DecisionRequest(evidence=plan.evidence)))
     assert isinstance(decision, DecisionResult)
     trace.append(StageTrace(stage="decision", ms=round(dec_ms, 2), output=decision.model_dump() | plan.trace()))
     done = pack.actions.get(decision.action)

@@ -64,12 +64,17 @@ async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: Responder
 
 
 def sse(event: str | None, data: BaseModel | dict | str) -> bytes:
-    """One server-sent event; `data` is JSON on a single line (SSE forbids raw newlines in it)."""
+    """One server-sent event; `data` is JSON on a single line (SSE forbids raw newlines in it).
+
+    A named event (coact's own stream) carries the server's wall time of emission as its `id`
+    (seconds since the epoch), so a client can tell when each event left the server; the OpenAI
+    stream's unnamed chunks have no id, as OpenAI's have none.
+    """
     if isinstance(data, BaseModel):
         payload = data.model_dump_json(exclude_none=False)
     elif isinstance(data, dict):
         payload = json.dumps(data, separators=(",", ":"))
     else:
         payload = data
-    head = f"event: {event}\n" if event else ""
+    head = f"event: {event}\nid: {time.time():.6f}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()

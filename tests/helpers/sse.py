@@ -1,4 +1,10 @@
-"""A small server-sent-events reader for the streaming tests: events with their arrival times."""
+"""A small server-sent-events reader for the streaming tests, and the protocol check of one streamed turn.
+
+Each event keeps two clocks, both `time.time()` on this machine (the tests and the app share it):
+`received`, when this client had read the whole event, and `sent`, the server's time when it emitted the
+event (the SSE `id:` field of coact's stream). Comparing one event's `received` with a later event's
+`sent` shows whether the events travelled while the turn ran or were held back and delivered together.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ import httpx
 class Event:
     name: str
     data: dict | str
-    t: float  # seconds since the request was sent
+    received: float  # client wall time, when the event had been read
+    sent: float | None  # server wall time, when the event was emitted (the `id:` field), if it had one
 
 
-def iter_events(response: httpx.Response, t0: float):
-    name, data = "message", []
+def iter_events(response: httpx.Response):
+    name, data, sent = "message", [], None
     for line in response.iter_lines():
         if line == "":
             if data:
@@ -26,21 +33,22 @@ def iter_events(response: httpx.Response, t0: float):
                     payload: dict | str = json.loads(raw)
                 except ValueError:
                     payload = raw
-                yield Event(name, payload, time.perf_counter() - t0)
-            name, data = "message", []
+                yield Event(name, payload, time.time(), sent)
+            name, data, sent = "message", [], None
         elif line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].lstrip())
+        elif line.startswith("id:"):
+            sent = float(line[3:].strip())
 
 
 def stream_chat(url: str, message: str, session_id: str | None = None, path: str = "/v1/chat") -> list[Event]:
     body = {"message": message, "stream": True} | ({"session_id": session_id} if session_id else {})
-    t0 = time.perf_counter()
     with httpx.stream("POST", f"{url}{path}", json=body, timeout=300) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return list(iter_events(r, t0))
+        return list(iter_events(r))
 
 
 FIRST_STAGES = ["session", "intent", "reasoner", "decision"]
@@ -51,6 +59,7 @@ def check_turn_stream(events: list[Event]) -> dict:
     names = [e.name for e in events]
     assert names[0] == "decision" and names[-1] == "done", names
     assert set(names) <= {"decision", "token", "replace", "done"}, names
+    assert all(e.sent is not None for e in events), "every event carries the server's time"
     first = events[0].data
     assert [s["stage"] for s in first["trace"]["stages"]] == FIRST_STAGES
     assert first["action"]["kind"] and first["session_id"]
@@ -72,3 +81,19 @@ def check_turn_stream(events: list[Event]) -> dict:
     if done["replaced"]:
         assert "replace" in names
     return done
+
+
+def check_delivered_while_generating(events: list[Event]) -> None:
+    """The events reached the client as the server emitted them, not held back until the turn ended.
+
+    The decision was read before the server emitted the reply's last piece, and the reply's first piece
+    before the server emitted its last one: with the stream buffered anywhere on the way (the proxy, the
+    ingress), everything arrives after the server sent the end, and both comparisons fail.
+    """
+    tokens = [e for e in events if e.name == "token"]
+    assert len(tokens) >= 2, [e.name for e in events]
+    decision, first, last = events[0], tokens[0], tokens[-1]
+    assert decision.received < last.sent, (decision.received, last.sent)
+    assert first.received < last.sent, (first.received, last.sent)
+    # The server emitted them in turn order (its clock, its order).
+    assert decision.sent <= first.sent <= last.sent <= events[-1].sent

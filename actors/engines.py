@@ -1,0 +1,201 @@
+"""The stages' engines: plain classes (no Ray) that the deployments wrap and the benchmarks call directly.
+
+    IntentEngine     message (+ pending question) -> intent distribution, acts, content, answer reading
+    ReasonerEngine   message -> finding probabilities and top-k FAQ passages
+    ResponderEngine  decision + template + message -> a guarded reply, whole or streamed, on a ResponderBackend
+
+The decision stage's engine is `coact.graphs.policy.policy.Policy`. Each engine is built from its section of
+the app config (`actors.config`), the domain and the models folder; its methods take and return a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import torch
+
+from coact.actors.acts import ActClassifier, AnswerReader
+from coact.actors.config import IntentConfig, ReasonerConfig, ResponderConfig
+from coact.actors.generation import (
+    GenerationSettings,
+    ResponderBackend,
+    build_prompt,
+    compose,
+    stream_raw,
+    stream_reply,
+    template_result,
+)
+from coact.actors.intent_models import load_intent_model
+from coact.actors.models import FindingHeads, PassageIndex, TextEncoder, lm_version, models_dir, set_threads
+from coact.actors.nlu import reason, understand
+from coact.graphs.policy.domain import load_pack
+from coact.graphs.policy.messages import (
+    IntentRequest,
+    IntentResult,
+    ReasonerResult,
+    ResponderChunk,
+    ResponderRequest,
+    ResponderResult,
+    ResponderStats,
+)
+
+# Imported by name when chosen: vLLM is an optional dependency.
+BACKENDS = {"transformers": "coact.actors.generation:TransformersBackend",
+            "vllm": "coact.actors.vllm_backend:VllmBackend"}
+
+
+def _root(models: str | Path | None) -> Path:
+    return models_dir() if models is None else Path(models)
+
+
+class IntentEngine:
+    """Hot-swappable intent model and act classifier over one base encoder (which reads acts and answers)."""
+
+    def __init__(self, cfg: IntentConfig | None = None, domain: str = "banking",
+                 models: str | Path | None = None) -> None:
+        cfg = cfg or IntentConfig()
+        root = _root(models)
+        set_threads(cfg.threads)
+        self.pack = load_pack(domain)
+        self.quantize = cfg.quantize
+        self.classifier = load_intent_model(cfg.model or root / "intent", quantize=cfg.quantize)
+        self.encoder = TextEncoder(quantize=cfg.quantize, max_length=64)
+        self.acts = ActClassifier(root / "acts")
+        self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **self.acts.answer_reader)
+        self.classify([IntentRequest(message="warm-up")])  # first inference pays torch's lazy set-up
+
+    def reconfigure(self, config: dict | None) -> None:
+        """`{"intent_model": folder}` and / or `{"acts_model": folder}`: swap the model in place."""
+        config = config or {}
+        if config.get("intent_model"):
+            self.classifier = load_intent_model(config["intent_model"], quantize=self.quantize)
+        if config.get("acts_model"):
+            acts = ActClassifier(config["acts_model"])
+            self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **acts.answer_reader)
+            self.acts = acts
+
+    def classify(self, requests: list[IntentRequest]) -> list[IntentResult]:
+        # One set of models per batch, even if reconfigure swaps them meanwhile.
+        classifier, acts, answers = self.classifier, self.acts, self.answers
+        emb = self.encoder.embed([r.message for r in requests])
+        return understand(requests, emb, classifier, acts, answers, self.pack.out_of_scope_label)
+
+
+class ReasonerEngine:
+    """Finding heads and the passage index over one encoder, on a GPU when there is one."""
+
+    def __init__(self, cfg: ReasonerConfig | None = None, models: str | Path | None = None) -> None:
+        cfg = cfg or ReasonerConfig()
+        root = _root(models)
+        set_threads(cfg.threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.findings = FindingHeads(cfg.findings_model or root / "findings")
+        self.passages = PassageIndex(root / "passages")
+        self.encoder = TextEncoder(device=self.device, quantize=cfg.quantize)
+        self.top_k = cfg.top_k
+        self.reason(["warm-up"])  # first inference pays torch's lazy set-up; not the first user
+
+    def reconfigure(self, config: dict | None) -> None:
+        """Retrained finding heads / a rebuilt passage index / another top_k, without a redeploy."""
+        config = config or {}
+        if config.get("findings_model"):
+            self.findings = FindingHeads(config["findings_model"])
+        if config.get("passages"):
+            self.passages = PassageIndex(config["passages"])
+        if "top_k" in config:
+            self.top_k = int(config["top_k"])
+
+    def reason(self, messages: list[str]) -> list[ReasonerResult]:
+        findings, passages = self.findings, self.passages  # stable across a concurrent reconfigure
+        # Sends findings.effective_prior as finding_prior (the prior the heads assume), see actors.nlu.reason.
+        return reason(self.encoder.embed(messages), findings, passages, self.top_k, self.device)
+
+
+def load_backend(cfg: ResponderConfig, lm_folder: str) -> ResponderBackend:
+    module, name = BACKENDS[cfg.backend].split(":")
+    return getattr(importlib.import_module(module), name).from_config(lm_folder, cfg)
+
+
+class ResponderEngine:
+    """The reply: the domain's decided content, and an opener from the LM that the guard lets through or not."""
+
+    def __init__(self, cfg: ResponderConfig | None = None, domain: str = "banking",
+                 models: str | Path | None = None) -> None:
+        self.cfg = cfg or ResponderConfig()
+        lm = str(_root(models) / "lm")
+        set_threads(self.cfg.threads)
+        self.pack = load_pack(domain)
+        self.settings = GenerationSettings(max_new_tokens=self.cfg.max_new_tokens, timeout_s=self.cfg.timeout_s)
+        self.backend = load_backend(self.cfg, lm)
+        self.version = lm_version(lm) + self.backend.version_suffix
+        self.stats = ResponderStats(backend=self.cfg.backend)
+
+    def prompt(self, request: ResponderRequest) -> str:
+        return build_prompt(self.backend.tokenizer, self.pack, request)
+
+    def generate(self, requests: list[ResponderRequest]) -> list[tuple[str, int]]:
+        """The model's raw text and token count per request, one batch, blocking (a batched backend)."""
+        return self.backend.generate([self.prompt(r) for r in requests], self.settings)
+
+    def compose(self, request: ResponderRequest, text: str, tokens: int) -> ResponderResult:
+        return compose(request, text, tokens, self.version, self.pack.prompts.reply_prefix)
+
+    async def respond(self, requests: list[ResponderRequest]) -> list[ResponderResult]:
+        """Whole replies: one batch generated off the event loop, or each a collected stream when the
+        backend batches on its own. Past the deadline the templates are sent."""
+        if not self.cfg.generate:
+            return [template_result(r, "generation disabled", self.version) for r in requests]
+        if not self.backend.batched:
+            return list(await asyncio.gather(*(self._collect(r) for r in requests)))
+        try:
+            outs = await asyncio.wait_for(asyncio.to_thread(self.generate, requests), self.settings.timeout_s + 5.0)
+        except TimeoutError:
+            return [template_result(r, "generation timed out", self.version) for r in requests]
+        return [self.compose(r, text, n) for r, (text, n) in zip(requests, outs, strict=True)]
+
+    async def _collect(self, request: ResponderRequest) -> ResponderResult:
+        result = None
+        async for chunk in self.stream(request):
+            result = chunk.result or result
+        assert result is not None
+        return result
+
+    async def stream(self, request: ResponderRequest, raw: bool = False,
+                     max_new_tokens: int | None = None) -> AsyncIterator[ResponderChunk]:
+        """Guarded `token` / `replace` chunks, then the `result`. `raw` (benchmarks, tests; never the ingress):
+        unguarded, no stop at the first sentence, exactly `max_new_tokens` tokens."""
+        self.stats.streams_started += 1
+        self.stats.streams_active += 1
+        try:
+            if not self.cfg.generate:
+                yield ResponderChunk(kind="token", text=request.template)
+                yield ResponderChunk(kind="result", result=template_result(request, "generation disabled",
+                                                                            self.version))
+            else:
+                prompt = self.prompt(request)
+                if raw:
+                    n = max_new_tokens or self.settings.max_new_tokens
+                    deltas = self.backend.stream(prompt, self.settings, n, stop=False, min_new_tokens=n)
+                    chunks = stream_raw(deltas, self.version)
+                else:
+                    chunks = stream_reply(request, self.backend.stream(prompt, self.settings, max_new_tokens),
+                                          self.version, self.pack.prompts.reply_prefix, self.settings.timeout_s)
+                async with aclosing(chunks):  # a caller that leaves closes it, which stops generation
+                    async for chunk in chunks:
+                        yield chunk
+            self.stats.streams_finished += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stats.streams_cancelled += 1  # the caller went away: generation was stopped above
+            raise
+        finally:
+            self.stats.streams_active -= 1
+
+    def get_stats(self) -> ResponderStats:
+        return self.stats.model_copy(update={"engine_unfinished_requests": self.backend.unfinished_requests()})
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
