@@ -62,7 +62,8 @@ class IntentEngine:
         set_threads(cfg.threads)
         self.pack = load_pack(domain)
         self.quantize = cfg.quantize
-        self.classifier = load_intent_model(cfg.model or root / "intent", quantize=cfg.quantize)
+        self.model_path = str(cfg.model or root / "intent")
+        self.classifier = load_intent_model(self.model_path, quantize=cfg.quantize)
         self.encoder = TextEncoder(quantize=cfg.quantize, max_length=64)
         self.acts = ActClassifier(root / "acts")
         self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **self.acts.answer_reader)
@@ -71,8 +72,10 @@ class IntentEngine:
     def reconfigure(self, config: dict | None) -> None:
         """`{"intent_model": folder}` and / or `{"acts_model": folder}`: swap the model in place."""
         config = config or {}
-        if config.get("intent_model"):
+        # Serve passes the deployment's user_config right after __init__: the folder just loaded is not reloaded.
+        if config.get("intent_model") and str(config["intent_model"]) != self.model_path:
             self.classifier = load_intent_model(config["intent_model"], quantize=self.quantize)
+            self.model_path = str(config["intent_model"])
         if config.get("acts_model"):
             acts = ActClassifier(config["acts_model"])
             self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **acts.answer_reader)
@@ -93,7 +96,8 @@ class ReasonerEngine:
         root = _root(models)
         set_threads(cfg.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.findings = FindingHeads(cfg.findings_model or root / "findings")
+        self.findings_path = str(cfg.findings_model or root / "findings")
+        self.findings = FindingHeads(self.findings_path)
         self.passages = PassageIndex(root / "passages")
         self.encoder = TextEncoder(device=self.device, quantize=cfg.quantize)
         self.top_k = cfg.top_k
@@ -102,8 +106,9 @@ class ReasonerEngine:
     def reconfigure(self, config: dict | None) -> None:
         """Retrained finding heads / a rebuilt passage index / another top_k, without a redeploy."""
         config = config or {}
-        if config.get("findings_model"):
+        if config.get("findings_model") and str(config["findings_model"]) != self.findings_path:
             self.findings = FindingHeads(config["findings_model"])
+            self.findings_path = str(config["findings_model"])
         if config.get("passages"):
             self.passages = PassageIndex(config["passages"])
         if "top_k" in config:
