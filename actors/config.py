@@ -141,3 +141,30 @@ class ResponderConfig(StageConfig):
     batching: BatchingConfig = _batching(8, 0.02)
     # Load shedding: a full queue answers 503 + Retry-After instead of letting turns time out.
     deployment: DeploymentOptions = _deployment(0.5, 32, 256)
+
+
+DEFAULT_ACTION_SERVER = "http://127.0.0.1:8100"  # the reference action server `coact serve` starts
+
+
+class WebhookConfig(_Section):
+    """An HTTP executor: `POST {url}/v1/actions/{action}` with the ActionCall (docs/actions.md)."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    timeout_s: float = Field(default=2.0, gt=0, le=60, description="per attempt")
+    attempts: int = Field(default=3, ge=1, le=10, description="tries per call, all with the same idempotency key")
+    backoff_s: float = Field(default=0.2, ge=0, le=10, description="wait before a retry, times the attempt number")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with every call (e.g. Authorization)")
+
+
+class ActionsConfig(StageConfig):
+    """The action step: executes decided actions through the domain pack's executors before the reply is phrased."""
+
+    enabled: bool = Field(default=True, description="False: no action step (decided actions are labels only; "
+                                                    "a benchmark baseline, not for customers)")
+    dry_run: bool = Field(default=False, description="call no executor; every action is answered done, marked dry run")
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=lambda: {"bank": WebhookConfig(url=DEFAULT_ACTION_SERVER)})
+    audit_log: str | None = Field(default=None, description="SQLite file of the audit log, on the head node "
+                                                            "(None: $COACT_AUDIT_LOG, else ~/.coact/audit.sqlite)")
+    # It waits on other systems, not on a core: a sliver of CPU, many calls in flight.
+    deployment: DeploymentOptions = _deployment(0.05, 64)
+

@@ -77,7 +77,8 @@ def compose(req: ResponderRequest, generated: str, tokens: int, model_version: s
     template = req.template
     generated = prefix + generated
     opener = first_sentence(generated)
-    why = check_opener(opener, req.decision, req.forbidden, grounding=f"{req.message} {template}")
+    why = check_opener(opener, req.decision, req.forbidden, grounding=f"{req.message} {template}",
+                       confirmed=req.confirmed)
     if why is None:
         reply = f"{opener} {template}".strip()
         why = check_reply(reply, template, req.decision, req.forbidden)
@@ -240,7 +241,8 @@ async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str
     instead: the template), and last a `result` chunk with the same ResponderResult as a
     non-streamed call. Leaving early (cancellation) closes `deltas`, which stops generation.
     """
-    guard = OpenerStream(req.decision, req.forbidden, grounding=f"{req.message} {req.template}", prefix=prefix)
+    guard = OpenerStream(req.decision, req.forbidden, grounding=f"{req.message} {req.template}", prefix=prefix,
+                         confirmed=req.confirmed)
     generated, tokens, why = "", 0, None
     deadline = time.monotonic() + timeout_s
     it = deltas.__aiter__()

@@ -8,6 +8,7 @@ another intent's answer is rejected, and the template reply is sent instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 
 from coact.graphs.policy.messages import DecisionResult
@@ -62,10 +63,11 @@ def _ngrams(text: str, n: int = NGRAM) -> frozenset[tuple[str, ...]]:
 
 
 def _judge(text: str, words: list[str], decision: DecisionResult, forbidden: list[str], grounding: str | None,
-           whole: bool) -> str | None:
+           whole: bool, confirmed: Sequence[str] | None = None) -> str | None:
     """The checks of an opener, whole or a streamed prefix of one (`whole`: it must end its sentence).
 
     `words` are the words judged: in a prefix, the last word while it is still being generated is not.
+    `confirmed`: the actions the executor said are done, the only ones a reply may claim (None: the decided one).
     """
     if len(text) > MAX_OPENER_CHARS:
         return "too long"
@@ -83,11 +85,12 @@ def _judge(text: str, words: list[str], decision: DecisionResult, forbidden: lis
     def found(lexicon: set[str]) -> set[str]:  # a phrase is matched in the text, a word among the words
         return {w for w in lexicon if (w in word_set if " " not in w else w in lower)}
 
-    allowed_claims = ALLOWED_CLAIMS.get(decision.action, set())
+    done = [decision.action] if confirmed is None else confirmed
+    allowed_claims = set().union(*(ALLOWED_CLAIMS.get(a, set()) for a in done))
     for claim, lexicon in ACTION_CLAIMS.items():
         hits = set() if claim in allowed_claims else found(lexicon)
         if hits:
-            return f"claims an action that was not decided ({claim}: {sorted(hits)[0]})"
+            return f"claims an action that was not done ({claim}: {sorted(hits)[0]})"
     off = sorted(found(OFF_SCRIPT))
     if off:
         return f"off script ({off[0]})"
@@ -103,7 +106,8 @@ def _judge(text: str, words: list[str], decision: DecisionResult, forbidden: lis
     return None
 
 
-def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None) -> str | None:
+def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None,
+                 confirmed: Sequence[str] | None = None) -> str | None:
     """Return why the model's opening sentence is unacceptable, or None if it may be sent.
 
     With `grounding` (the customer's message and the decided content), every word must come
@@ -112,7 +116,8 @@ def check_opener(opener: str, decision: DecisionResult, forbidden: list[str], gr
     """
     if not opener.strip():
         return "empty"
-    return _judge(opener, _WORD.findall(opener.lower()), decision, forbidden, grounding, whole=True)
+    return _judge(opener, _WORD.findall(opener.lower()), decision, forbidden, grounding, whole=True,
+                  confirmed=confirmed)
 
 
 def check_reply(reply: str, template: str, decision: DecisionResult, forbidden: list[str]) -> str | None:
@@ -130,7 +135,7 @@ def check_reply(reply: str, template: str, decision: DecisionResult, forbidden: 
 
 
 def check_partial_opener(partial: str, decision: DecisionResult, forbidden: list[str], grounding: str | None = None,
-                         complete: bool = False) -> str | None:
+                         complete: bool = False, confirmed: Sequence[str] | None = None) -> str | None:
     """The opener check on a prefix of the model's text, for streaming.
 
     Only what the rest of the text cannot undo is judged: a question mark, a number, a link, a claim,
@@ -143,7 +148,7 @@ def check_partial_opener(partial: str, decision: DecisionResult, forbidden: list
     words = _WORD.findall(text.lower())
     if words and not complete and re.search(r"[A-Za-z0-9']$", partial) is not None:
         words = words[:-1]  # still being generated
-    return _judge(text, words, decision, forbidden, grounding, whole=False)
+    return _judge(text, words, decision, forbidden, grounding, whole=False, confirmed=confirmed)
 
 
 _FIRST_END = re.compile(r"[.!?]")
@@ -157,8 +162,9 @@ class OpenerStream:
     Stops at the end of the first sentence, as the non-streamed reply does.
     """
 
-    def __init__(self, decision: DecisionResult, forbidden: list[str], grounding: str, prefix: str = "") -> None:
-        self.decision, self.forbidden, self.grounding = decision, forbidden, grounding
+    def __init__(self, decision: DecisionResult, forbidden: list[str], grounding: str, prefix: str = "",
+                 confirmed: Sequence[str] | None = None) -> None:
+        self.decision, self.forbidden, self.grounding, self.confirmed = decision, forbidden, grounding, confirmed
         self.raw = ""
         self.sent = ""
         self.done = False
@@ -174,7 +180,8 @@ class OpenerStream:
         end = _FIRST_END.search(text, len(self.prefix))
         if end is not None:
             text, self.done = text[: end.end()], True
-        why = check_partial_opener(text, self.decision, self.forbidden, self.grounding, complete=self.done)
+        why = check_partial_opener(text, self.decision, self.forbidden, self.grounding, complete=self.done,
+                                   confirmed=self.confirmed)
         if why is not None:
             self.violation, self.done = why, True
             return ""

@@ -183,11 +183,17 @@ class SessionStore:
                 "sessions": len(self._table)}
 
 
-def get_or_create_store(ttl_s: float = DEFAULT_TTL_S):
-    """The cluster-wide store; created on first use on the head node, survives the deployments that use it."""
-    return SessionStore.options(
-        name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True,
+def head_actor(actor_class, name: str, *args):
+    """A cluster-wide named actor on the head node: created on first use, restarted when its process dies (calls
+    retried), outliving the deployments that use it."""
+    return actor_class.options(
+        name=name, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1,
         # A sliver of the head-only resource pins it there without using up anything schedulable.
         resources={HEAD_RESOURCE: 0.001},
-    ).remote(ttl_s)
+    ).remote(*args)
+
+
+def get_or_create_store(ttl_s: float = DEFAULT_TTL_S):
+    """The cluster-wide session store."""
+    return head_actor(SessionStore, STORE_NAME, ttl_s)

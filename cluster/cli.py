@@ -7,13 +7,12 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 from coact.cluster.runtime import DEFAULT_PORT, quiet_env
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from coact.cluster.prepare import prepare
 
     manifest = prepare(Path(args.models) if args.models else None, force=args.force, domain=args.domain)
@@ -48,20 +47,43 @@ def _serve(args: argparse.Namespace) -> int:
         app_args.setdefault("responder", {})["generate"] = False
     if args.models:
         app_args["models"] = args.models
-    AppConfig.model_validate(app_args)  # a bad file fails here, naming the field, before Ray starts
-    init_ray(args.address or "local")  # a private Ray unless told to attach
-    url = deploy(app_args, port=args.port)
-    print(f"coact is serving at {url}  (OpenAPI: {url}/docs). Ctrl-C to stop.", flush=True)
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    app_args.setdefault("actions", {}).setdefault("audit_log", str(Path("var/audit.sqlite").resolve()))
+    cfg = AppConfig.model_validate(app_args)  # a bad file fails here, naming the field, before Ray starts
+    action_server = _start_action_server(cfg) if not args.no_action_server else None
     try:
-        while not stop["now"]:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
-    ray.shutdown()
+        init_ray(args.address or "local")  # a private Ray unless told to attach
+        url = deploy(app_args, port=args.port)
+        print(f"coact is serving at {url}  (OpenAPI: {url}/docs). Ctrl-C to stop.", flush=True)
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"]:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        if action_server is not None:
+            action_server.stop()
     return 0
+
+
+def _start_action_server(cfg):
+    """The reference action server, when the config's webhooks point at its default address (embedded defaults:
+    `coact serve` works end to end with no other service). A config naming another server starts nothing."""
+    from urllib.parse import urlsplit
+
+    from coact.actors.config import DEFAULT_ACTION_SERVER
+    from coact.cluster.action_server.process import start_action_server
+
+    if not cfg.actions.enabled or cfg.actions.dry_run:
+        return None
+    if DEFAULT_ACTION_SERVER not in {h.url.rstrip("/") for h in cfg.actions.webhooks.values()}:
+        return None
+    server = start_action_server(port=urlsplit(DEFAULT_ACTION_SERVER).port, db_path=Path("var/action_server.sqlite"))
+    print(f"reference action server at {server.url} (state: {server.db_path}; GET {server.url}/v1/state)", flush=True)
+    return server
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -117,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML with the app's args (AppConfig: one section per stage), or a Serve "
                                     "config file such as cluster/serve/local.yaml, whose args are used")
     p.add_argument("--no-generate", action="store_true", help="template replies only (no LM phrasing)")
+    p.add_argument("--no-action-server", action="store_true",
+                   help="do not start the reference action server (actions.webhooks names your own)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("chat", help="terminal client for a running app")

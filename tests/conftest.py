@@ -65,21 +65,75 @@ def serve_port(ray_cluster: None) -> Iterator[int]:
     serve.shutdown()
 
 
+class ActionServer:
+    """The session's reference action server, which a test may take down and bring back on the same port and db."""
+
+    def __init__(self, db_path: Path) -> None:
+        from coact.cluster.action_server.process import start_action_server
+
+        self.proc = start_action_server(db_path=db_path)
+        self.url, self.port, self.db_path = self.proc.url, self.proc.port, self.proc.db_path
+
+    def get(self, path: str, **params) -> object:
+        import httpx
+
+        return httpx.get(f"{self.url}{path}", params=params, timeout=10).json()
+
+    def faults(self, **faults) -> None:
+        """Inject faults (`delay_s`, `status`, `actions`); none given: clear them."""
+        import httpx
+
+        r = (httpx.put(f"{self.url}/v1/admin/faults", json=faults, timeout=10) if faults
+             else httpx.delete(f"{self.url}/v1/admin/faults", timeout=10))
+        r.raise_for_status()
+
+    def down(self) -> None:
+        self.proc.stop()
+
+    def up(self) -> None:
+        from coact.cluster.action_server.process import start_action_server
+
+        if not self.proc.alive():
+            self.proc.close()
+            self.proc = start_action_server(port=self.port, db_path=self.db_path)
+
+
 @pytest.fixture(scope="session")
-def app_url(models_dir: Path, serve_port: int) -> str:
+def action_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActionServer]:
+    """The reference action server (a real HTTP server on SQLite) that every app of the session executes on."""
+    server = ActionServer(tmp_path_factory.mktemp("actions") / "action_server.sqlite")
+    yield server
+    server.proc.close()
+
+
+@pytest.fixture(scope="session")
+def audit_log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The audit log of the session's cluster (one per cluster: the first app's path holds for all)."""
+    return tmp_path_factory.mktemp("audit") / "audit.sqlite"
+
+
+@pytest.fixture(scope="session")
+def actions_args(action_server, audit_log_path: Path) -> dict:
+    """build_app's `actions` section pointing at the session's action server."""
+    return {"webhooks": {"bank": {"url": action_server.url}}, "audit_log": str(audit_log_path)}
+
+
+@pytest.fixture(scope="session")
+def app_url(models_dir: Path, serve_port: int, actions_args: dict) -> str:
     """The app the serve-tier modules share (name ``coact``, route ``/``, LM replies). Nothing may break it:
     a test that kills replicas or changes deployments does so on an app of its own (``serve_app``)."""
     from coact.cluster.runtime import deploy
 
-    return deploy({"models": str(models_dir), "responder": {"generate": True, "max_new_tokens": 20}}, port=serve_port,
-                  timeout_s=600)
+    return deploy({"models": str(models_dir), "responder": {"generate": True, "max_new_tokens": 20},
+                   "actions": actions_args}, port=serve_port, timeout_s=600)
 
 
 class ExtraApps:
-    """Deploys apps of the graph beside the shared one and deletes every one of them at teardown."""
+    """Deploys apps of the graph beside the shared one and deletes every one of them at teardown; their actions
+    run on the session's action server unless `args` give an `actions` section of their own."""
 
-    def __init__(self, models_dir: Path, port: int) -> None:
-        self.models_dir, self.port, self.names = models_dir, port, []
+    def __init__(self, models_dir: Path, port: int, actions: dict) -> None:
+        self.models_dir, self.port, self.names, self.actions = models_dir, port, [], actions
 
     def __call__(self, name: str, args: dict | None = None, *, deployments: list[dict] | None = None,
                  timeout_s: float = 600.0) -> str:
@@ -94,7 +148,7 @@ class ExtraApps:
 
         if name not in self.names:
             self.names.append(name)  # before deploying: a deploy that fails half-way is deleted too
-        args = {"models": str(self.models_dir), **(args or {})}
+        args = {"models": str(self.models_dir), "actions": self.actions, **(args or {})}
         if deployments is None:
             return deploy(args, port=self.port, name=name, route_prefix=f"/{name}", timeout_s=timeout_s)
         from ray.serve.context import _get_global_client
@@ -117,18 +171,31 @@ class ExtraApps:
 
 
 @pytest.fixture
-def serve_app(models_dir: Path, serve_port: int) -> Iterator[Callable[..., str]]:
+def serve_app(models_dir: Path, serve_port: int, actions_args: dict) -> Iterator[Callable[..., str]]:
     """A factory for apps beside the shared one, deleted when the test ends (passed or not)."""
-    apps = ExtraApps(models_dir, serve_port)
+    apps = ExtraApps(models_dir, serve_port, actions_args)
     yield apps
     apps.delete_all()
 
 
 @pytest.fixture(scope="module")
-def serve_app_module(models_dir: Path, serve_port: int) -> Iterator[Callable[..., str]]:
+def serve_app_module(models_dir: Path, serve_port: int, actions_args: dict) -> Iterator[Callable[..., str]]:
     """`serve_app` for an app that a whole module shares (e.g. one engine start paid once), deleted after it."""
-    apps = ExtraApps(models_dir, serve_port)
+    apps = ExtraApps(models_dir, serve_port, actions_args)
     yield apps
+    apps.delete_all()
+
+
+TEMPLATE_APP = "coact-templates"
+
+
+@pytest.fixture(scope="session")
+def template_app_url(models_dir: Path, serve_port: int, actions_args: dict) -> Iterator[str]:
+    """A second app of the graph with template replies (no LM), shared by the modules that need exact replies
+    and many turns (the dialogue set, the action step). Nothing may change it: updating a deployment is for
+    apps of one's own (``serve_app``)."""
+    apps = ExtraApps(models_dir, serve_port, actions_args)
+    yield apps(TEMPLATE_APP, {"responder": {"generate": False}})
     apps.delete_all()
 
 

@@ -22,7 +22,7 @@ SERVE = REPO / "cluster" / "serve"
 CONFIGS = {"local": SERVE / "local.yaml", "gpu": SERVE / "gpu.yaml"}
 LAUNCHER = REPO / "cluster" / "launcher" / "aws.yaml"
 MANIFEST = REPO / "cluster" / "kuberay" / "rayservice.yaml"
-DEPLOYMENTS = {"ChatIngress", "IntentActor", "ReasonerActor", "DecisionActor", "ResponderActor"}
+DEPLOYMENTS = {"ChatIngress", "IntentActor", "ReasonerActor", "DecisionActor", "ActionActor", "ResponderActor"}
 GPU_STAGES = {"ReasonerActor", "ResponderActor"}
 GiB = 1024**3
 

@@ -145,13 +145,13 @@ def test_turn_lists_must_match_its_kinds() -> None:
 
 
 @pytest.mark.serve
-def test_dialogue_set_against_the_app(serve_app, tmp_path: Path) -> None:
-    """The whole set over HTTP, against a second app of the same graph with template replies.
+def test_dialogue_set_against_the_app(template_app_url: str, tmp_path: Path) -> None:
+    """The whole set over HTTP, against the session's second app of the same graph, with template replies.
 
     The decisions are the policy's whatever phrases them; templates keep the 109 dialogues to about
     a minute on two cores (the LM-phrased path is covered by the e2e and streaming tests).
     """
-    url = serve_app("coact-dialogues", {"responder": {"generate": False}})
+    url = template_app_url
     report = asyncio.run(run_dialogues(url, load_dialogues(DEFAULT_FILE), concurrency=4))
     md = write_report(report, tmp_path)
     print(md.read_text(encoding="utf-8"))

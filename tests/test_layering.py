@@ -19,7 +19,8 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"actors": "coact.actors", "graphs": "coact.graphs", "cluster": "coact.cluster"}
-DEPLOYMENTS = {f"coact.actors.{m}" for m in ("intent", "reasoner", "decision", "responder", "session_store")}
+DEPLOYMENTS = {f"coact.actors.{m}" for m in ("intent", "reasoner", "decision", "responder", "actions", "session_store",
+                                              "audit_log")}
 CORE_THIRD_PARTY = {"numpy", "networkx", "pydantic", "yaml"}
 
 

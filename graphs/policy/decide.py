@@ -49,6 +49,9 @@ class VirtualQuestion:
     variable: str
     answers: tuple[str, ...]
     likelihood: np.ndarray  # shape (len(answers), len(states[variable])); every column sums to 1
+    # Per answer, the actions that answer takes off the table (a declined confirmation: that action may not
+    # follow); the VOI is then exact for the restricted choice.
+    excludes: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class _UtilityTables:
     """The actions' utilities stacked once per call: one (k, *shape) table per distinct `on`."""
 
     variables: list[str]  # union of the actions' `on`, first-seen order
+    names: list[str]
     groups: list[tuple[tuple[str, ...], list[int], np.ndarray]]
     n_actions: int
 
@@ -107,7 +111,7 @@ def _tables(net: BayesNet, actions: Sequence[ActionSpec]) -> _UtilityTables:
         for on, idx in by_on.items()
     ]
     variables = list(dict.fromkeys(v for a in actions for v in a.on))
-    return _UtilityTables(variables=variables, groups=groups, n_actions=len(actions))
+    return _UtilityTables(variables=variables, names=names, groups=groups, n_actions=len(actions))
 
 
 def _action_values(
@@ -165,23 +169,30 @@ def _vois(
     answered); a virtual question's answer depends on u only through its variable, so its values are
     V = L @ W for its likelihood matrix L: one contraction and a matrix product, however many answers."""
     out: dict[str, float] = {}
-    for name, variable, likelihood in [*((q, q, None) for q in asks),
-                                       *((v.name, v.variable, v.likelihood) for v in virtual)]:
+    for name, variable, likelihood, excludes in [*((q, q, None, ()) for q in asks),
+                                                 *((v.name, v.variable, v.likelihood, v.excludes) for v in virtual)]:
         if likelihood is None and hard and name in hard:
             out[name] = 0.0
             continue
         per_state = _per_state_values(net, tables, variable, hard, soft)
-        out[name] = _evsi(per_state if likelihood is None else np.asarray(likelihood, dtype=float) @ per_state)
+        values = per_state if likelihood is None else np.asarray(likelihood, dtype=float) @ per_state
+        allowed = np.ones_like(values, dtype=bool)
+        for row, names in enumerate(excludes):
+            allowed[row, [tables.names.index(n) for n in names if n in tables.names]] = False
+        out[name] = _evsi(values, allowed)
     return out
 
 
-def _evsi(per_answer: np.ndarray) -> float:
-    """Σ_s max_a V[s, a] - max_a Σ_s V[s, a] for V[s, a] = Σ_u P(answer s, u | e) U_a(u)."""
-    informed = float(per_answer.max(axis=1).sum())
+def _evsi(per_answer: np.ndarray, allowed: np.ndarray | None = None) -> float:
+    """Σ_s max_a V[s, a] - max_a Σ_s V[s, a] for V[s, a] = Σ_u P(answer s, u | e) U_a(u); after answer s only
+    the actions `allowed[s]` may be chosen (a declined confirmation), so the informed choice is restricted."""
+    informed_values = per_answer if allowed is None else np.where(allowed, per_answer, -np.inf)
+    informed = float(informed_values.max(axis=1).sum())
     uninformed = float(per_answer.sum(axis=0).max())
     voi = informed - uninformed
     scale = float(np.abs(per_answer).sum()) + 1.0
-    # max of sums <= sum of maxes, so a negative is rounding; so is a positive at the rounding level.
+    # max of sums <= sum of maxes (unrestricted), so a negative is rounding; so is a positive at the rounding
+    # level. A restricted answer can make asking worth less than acting now: still no information, so 0.
     return voi if voi > _VOI_RTOL * scale else 0.0
 
 
@@ -289,6 +300,9 @@ def decide(
             raise ValueError(f"decide: virtual question {v.name!r} has likelihood shape {v.likelihood.shape}")
         if v.name in asks:
             raise ValueError(f"decide: virtual question {v.name!r} shadows a network question")
+        if v.excludes and len(v.excludes) != len(v.answers):
+            raise ValueError(f"decide: virtual question {v.name!r} has {len(v.excludes)} excludes for "
+                             f"{len(v.answers)} answers")
     values, voi = _option_values(net, tables, asks, hard, soft, question_cost, virtual)
     ask_names = [*asks, *(v.name for v in virtual)]
     names = [a.name for a in actions] + [f"ask:{q}" for q in ask_names]

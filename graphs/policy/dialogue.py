@@ -37,6 +37,7 @@ CONTENT_THRESHOLD = 0.5
 SOCIAL_ACTS = ("goodbye", "thanks", "greeting")  # replied to by template; goodbye wins when combined
 SOMETHING_ELSE = "something_else"
 GOAL_QUESTION = "goal"  # the disambiguation question's name ("ask:goal")
+CONFIRM_PREFIX = "confirm:"  # a confirmation question's name: "confirm:<action>" ("ask:confirm:freeze_card")
 
 
 # --- acts -------------------------------------------------------------------------------------
@@ -232,6 +233,36 @@ def disambiguation_question(pack: DomainPack, posterior: np.ndarray) -> VirtualQ
     return VirtualQuestion(name=GOAL_QUESTION, variable=pack.intent_variable, answers=answers, likelihood=matrix)
 
 
+def confirmation_questions(pack: DomainPack, candidates: list[str], evidence: SessionEvidence) -> list[VirtualQuestion]:
+    """"Shall I freeze your card now?" for every candidate action the pack marks for confirmation, not yet asked.
+
+    Its answer reads the confirmation's variable through P(agree | state). It is also consent: after a "yes" that
+    action is carried out, after a "no" it is off the table, and its VOI is computed under exactly these choices.
+    """
+    out = []
+    for name in candidates:
+        spec = pack.actions[name].confirm if name in pack.actions else None
+        qname = CONFIRM_PREFIX + name
+        if spec is None or qname in evidence.asked:
+            continue
+        states = pack.states_of(next(v for v in pack.variables if v.name == spec.variable))
+        agree = np.array([spec.affirm[s] for s in states])
+        out.append(VirtualQuestion(name=qname, variable=spec.variable, answers=("affirm", "deny"),
+                                   likelihood=np.stack([agree, 1 - agree]),
+                                   excludes=(tuple(n for n in candidates if n != name), (name,))))
+    return out
+
+
+def confirmation_evidence(pack: DomainPack, action: str, agreed: bool, turn: int) -> SoftEvidenceItem:
+    spec = pack.actions[action].confirm
+    assert spec is not None
+    lam = {s: (p if agreed else 1 - p) for s, p in spec.affirm.items()}
+    top = max(lam.values())
+    return SoftEvidenceItem(variable=spec.variable, likelihood={s: x / top for s, x in lam.items()},
+                            label=f"turn {turn}: the customer {'agreed to' if agreed else 'declined'} {action}",
+                            turn=turn)
+
+
 def disambiguation_text(pack: DomainPack, options: list[str]) -> str:
     cfg = pack.dialogue.disambiguation
     titles = [pack.intent(o).title for o in options]
@@ -357,6 +388,8 @@ class TurnPlan:
 def question_text(pack: DomainPack, evidence: SessionEvidence, variable: str) -> str:
     if variable == GOAL_QUESTION:
         return disambiguation_text(pack, evidence.options)
+    if variable.startswith(CONFIRM_PREFIX):
+        return pack.actions[variable.removeprefix(CONFIRM_PREFIX)].confirm.text  # type: ignore[union-attr]
     return pack.question(variable).text
 
 
@@ -407,7 +440,9 @@ def plan_turn(session: SessionState, message: str, intent: IntentResult, reasone
             plan.notes.append(f"answer to the pending question: {answered}")
             if answered.endswith("=unsure"):
                 plan.prefix = pack.dialogue.unsure
-            if not (answered == f"{GOAL_QUESTION}={SOMETHING_ELSE}" and content):
+            # "Something else: …" and "no, …" go on to read the rest of the message.
+            if not (content and (answered == f"{GOAL_QUESTION}={SOMETHING_ELSE}"
+                                 or (answered.startswith(CONFIRM_PREFIX) and answered.endswith("=no")))):
                 return plan
         elif not content and not acts & {"goodbye", "request_human", "correction"}:
             # Chit-chat, or nothing we could read: the question stays open and is asked again.
@@ -503,6 +538,15 @@ def _read_pending(pack: DomainPack, case: SessionEvidence, pending: str, message
             return None if "unsure" not in acts_of(intent) else _unsure(case, pending)
         case.soft.append(option_evidence(pack, case.options, choice, turn))
         return f"{GOAL_QUESTION}={choice}"
+    if pending.startswith(CONFIRM_PREFIX):
+        acts = acts_of(intent)
+        yes_no = [a for a in ("affirm", "deny") if a in acts]
+        if len(yes_no) != 1:
+            return _unsure(case, pending) if "unsure" in acts else None
+        action, agreed = pending.removeprefix(CONFIRM_PREFIX), yes_no[0] == "affirm"
+        case.soft.append(confirmation_evidence(pack, action, agreed, turn))
+        (case.agreed if agreed else case.unavailable).append(action)
+        return f"{pending}={'yes' if agreed else 'no'}"
     question = pack.question(pending)
     state = read_state(question, intent)
     if state is None:
@@ -520,7 +564,9 @@ def _unsure(case: SessionEvidence, pending: str) -> str:
 
 def _acknowledge(pack: DomainPack, session: SessionState, plan: TurnPlan, act: str) -> TurnPlan:
     action = pack.actions.get(session.last_action or "")
-    done = action.done_reply if action is not None and act != "thanks" else None  # "thanks" is just thanks
+    # "thanks" is just thanks; "done" only for what the executor confirmed.
+    done = (action.done_reply if action is not None and act != "thanks" and session.last_action in session.done_actions
+            else None)
     plan.reply = done or _act_reply(pack, act)
     plan.reply_name = f"done:{session.last_action}" if done else act
     plan.notes.append(f"{act} after {session.last_action}: acknowledged, not repeated")
@@ -563,8 +609,13 @@ def _continue_or_open(pack: DomainPack, session: SessionState, plan: TurnPlan, i
         plan.notes.append(f"new case in the context of the last one: {item.label}")
 
 
-def close_or_continue(session: SessionState, plan: TurnPlan, decision: DecisionResult | None, pack: DomainPack) -> None:
-    """Update the session after a turn: a terminal action closes the case, a question keeps it open."""
+def close_or_continue(session: SessionState, plan: TurnPlan, decision: DecisionResult | None, pack: DomainPack,
+                      done: list[str] | None = None) -> None:
+    """Update the session after a turn: a terminal action closes the case, a question keeps it open.
+
+    `done`: the actions the executor confirmed this turn; None (no executor, e.g. the simulator) counts the
+    decided action as done.
+    """
     evidence = plan.evidence
     if decision is None:
         session.evidence = evidence
@@ -582,8 +633,8 @@ def close_or_continue(session: SessionState, plan: TurnPlan, decision: DecisionR
     else:
         session.previous, session.evidence = evidence, SessionEvidence()
         session.pending_question = None
-        if decision.kind in ("action", "escalate") and decision.action not in session.done_actions:
-            session.done_actions.append(decision.action)
+        confirmed = ([decision.action] if decision.kind in ("action", "escalate") else []) if done is None else done
+        session.done_actions += [a for a in confirmed if a not in session.done_actions]
         session.last_target = decision.target
     session.deferred = [g for g in [*session.deferred, *plan.deferred] if g != decision.target]
     session.goal_belief = dict(decision.posterior.get(pack.intent_variable, {}))

@@ -124,11 +124,48 @@ class UtilityTerm(_Strict):
     otherwise: str | float = 0.0
 
 
+class Executor(_Strict):
+    """Who carries an action out: a webhook named in the Serve config (`actions.webhooks`), or a Python function."""
+
+    webhook: str | None = Field(default=None, description="a key of the Serve config's actions.webhooks")
+    python: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                               description="'module:function', called with the ActionCall; returns an ActionOutcome")
+
+    @model_validator(mode="after")
+    def _one(self) -> Executor:
+        if (self.webhook is None) == (self.python is None):
+            raise ValueError("give exactly one of webhook, python")
+        return self
+
+
+class Confirmation(_Strict):
+    """Asking before acting ("Shall I freeze your card now?"): an askable option valued by VOI like any question.
+
+    The answer is read as evidence on `variable` (a customer whose card is at risk agrees more often than one whose
+    card is safe); a "no" also takes the action off the table for the case, so a declined action never runs.
+    """
+
+    text: str = Field(min_length=5)
+    variable: str = Field(description="the hidden variable the answer speaks to")
+    affirm: dict[str, float] = Field(description="P(the customer agrees | state), per state of `variable`")
+
+
 class ActionTemplate(_Strict):
     kind: Literal["answer", "action", "escalate", "decline"]
-    reply: str | None = Field(default=None, description="template reply; answer actions use the intent's FAQ")
+    reply: str | None = Field(default=None, description="template reply (after the executor said done; "
+                              "{reference}: its reference); answer actions use the intent's FAQ")
     done_reply: str | None = Field(default=None, description="reply when the customer confirms it after it was done")
+    executor: Executor | None = Field(default=None, description="what carries it out; None: nothing to execute")
+    confirm: Confirmation | None = Field(default=None, description="high impact: the option to ask first")
+    refused_reply: str | None = Field(default=None, description="the executor refused; {reason}")
+    failed_reply: str | None = Field(default=None, description="the executor could not be reached or failed")
     utility: list[UtilityTerm]
+
+    @model_validator(mode="after")
+    def _replies(self) -> ActionTemplate:
+        if self.executor is not None and (not self.reply or not self.failed_reply):
+            raise ValueError("an action with an executor needs reply and failed_reply (the reply follows the result)")
+        return self
 
 
 class MoodCost(_Strict):
@@ -256,6 +293,17 @@ class DomainPack(_Strict):
                 if not examples:
                     raise ValueError(f"questions.{q.variable}.answer_examples.{state}: no examples")
         for key, action in self.actions.items():
+            confirm = action.confirm
+            if confirm is not None:
+                cv = variables.get(confirm.variable)
+                if cv is None:
+                    raise ValueError(f"actions.{key}.confirm.variable: no network variable {confirm.variable!r}")
+                own = self.states_of(cv)
+                if set(confirm.affirm) != set(own):
+                    raise ValueError(f"actions.{key}.confirm.affirm: give P(agree) for exactly the states {own}")
+                bad = {s: p for s, p in confirm.affirm.items() if not 0 < p < 1}
+                if bad:
+                    raise ValueError(f"actions.{key}.confirm.affirm: probabilities must be in (0, 1), got {bad}")
             for term in action.utility:
                 if term.on not in variables:
                     raise ValueError(f"actions.{key}.utility: unknown variable {term.on!r}")

@@ -6,7 +6,7 @@ The HTTP and OpenAI wire types are the serving layer's (``coact.graphs.serving.h
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,6 +80,10 @@ class SessionEvidence(_Wire):
     asked: list[str] = Field(default_factory=list)
     unsure: list[str] = Field(default_factory=list, description="questions answered 'not sure' (no evidence)")
     options: list[str] = Field(default_factory=list, description="goal states offered by the disambiguation question")
+    unavailable: list[str] = Field(default_factory=list, description="actions not to choose in this case: "
+                                   "declined at confirmation, refused or failed by their executor")
+    agreed: list[str] = Field(default_factory=list, description="actions the customer agreed to at confirmation: "
+                              "carried out unless unavailable")
 
 
 class DecisionRequest(_Wire):
@@ -118,6 +122,8 @@ class ResponderRequest(_Wire):
     template: str = Field(description="the content the reply must carry: question, FAQ answer or action text")
     forbidden: list[str] = Field(default_factory=list, description="texts that must not appear (other intents' answers)")
     history: list[HistoryTurn] = Field(default_factory=list)
+    confirmed: list[str] | None = Field(default=None, description="actions the reply may say happened (the "
+                                        "executor confirmed them); None: the decided action")
 
 
 class ResponderResult(_Wire):
@@ -148,6 +154,61 @@ class ResponderStats(_Wire):
         default=None, description="generations still running: vLLM requests in the engine, or transformers threads")
 
 
+ActionStatus = Literal["done", "refused", "failed"]
+ACTION_CONTRACT = "coact.action/v1"
+
+
+class EvidenceLine(_Wire):
+    """One piece of the case's evidence, as the decision's explanation names it."""
+
+    label: str
+    variable: str
+    shift: float | None = Field(default=None, description="how far it moved the decision's margin, if known")
+
+
+class ActionCall(_Wire):
+    """What an executor receives (the webhook's JSON body, a Python entry point's argument): the action and the
+    decision that justified it. See docs/actions.md for the contract."""
+
+    contract: Literal["coact.action/v1"] = ACTION_CONTRACT
+    idempotency_key: str = Field(description="the same for every retry of this action in this turn")
+    session_id: str
+    turn: int
+    action: str
+    target: str | None = None
+    evidence: list[EvidenceLine] = Field(default_factory=list)
+    posterior: dict[str, dict[str, float]] = Field(default_factory=dict)
+    expected_utility: dict[str, float] = Field(default_factory=dict)
+    reason: str = ""
+    summary: str = Field(default="", description="one paragraph on the case, for a person taking it over")
+    conversation: list[HistoryTurn] = Field(default_factory=list, description="the whole conversation, this "
+                                            "message last")
+
+
+class ActionOutcome(_Wire):
+    """What an executor answers. Only `done` lets a reply say the action happened."""
+
+    model_config = ConfigDict(extra="ignore")  # a user's server may send more; it is kept in `data`
+    status: ActionStatus
+    reason: str = ""
+    reference: str | None = Field(default=None, max_length=200, description="e.g. a ticket number, shown to "
+                                  "the customer")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActionRecord(_Wire):
+    """An executed action, as the session remembers it."""
+
+    action: str
+    status: ActionStatus
+    turn: int
+    reference: str | None = None
+    reason: str = ""
+    idempotency_key: str
+    attempts: int = 1
+    ms: float = 0.0
+
+
 class SessionState(_Wire):
     session_id: str
     created_at: float = Field(default_factory=time.time)
@@ -162,5 +223,7 @@ class SessionState(_Wire):
     goal_belief: dict[str, float] = Field(
         default_factory=dict, description="top of the goal posterior after the last decision (the case's topic)")
     previous: SessionEvidence | None = Field(default=None, description="the last closed case, for corrections")
-    done_actions: list[str] = Field(default_factory=list, description="actions taken; never repeated")
+    done_actions: list[str] = Field(default_factory=list, description="actions the executor confirmed; never "
+                                    "repeated")
+    actions: list[ActionRecord] = Field(default_factory=list, description="every executed action and its result")
     deferred: list[str] = Field(default_factory=list, description="goals asked about in passing, offered later")

@@ -11,8 +11,10 @@ from coact.graphs.policy.dialogue import (
     EXPLANATION_TOP_K,
     GOAL_QUESTION,
     POSTERIOR_TOP_K,
+    confirmation_questions,
     disambiguation_question,
     disambiguation_text,
+    question_text,
 )
 from coact.graphs.policy.domain import DomainPack, build_actions, build_network, build_questions
 from coact.graphs.policy.messages import DecisionResult, InfluenceOut, SessionEvidence
@@ -43,8 +45,12 @@ class Policy:
         askable: list[str] = []
         virtual: list[VirtualQuestion] = []
         soft = self.soft(evidence)
+        # Declined, refused or failed in this case: the choice is among the rest. Agreed to: that is the choice.
+        actions = [a for a in self.actions if a.name not in evidence.unavailable] or self.actions
+        agreed = [a for a in actions if a.name in evidence.agreed]
+        actions = agreed or actions
         cost: float | dict[str, float] = self.weights["question_cost"]
-        if len(evidence.asked) < self.pack.utilities.max_questions:
+        if len(evidence.asked) < self.pack.utilities.max_questions and not agreed:
             askable = [q.variable for q in self.questions if q.variable not in evidence.hard
                        and q.variable not in evidence.asked]
             mood = self.pack.utilities.mood_cost
@@ -53,13 +59,14 @@ class Policy:
             if GOAL_QUESTION not in evidence.asked:
                 vq = disambiguation_question(self.pack, marginals[self.pack.intent_variable])
                 virtual = [vq] if vq is not None else []
+            virtual += confirmation_questions(self.pack, [a.name for a in actions], evidence)
             if mood is not None:
                 p = float(marginals[mood.variable][self.net.states[mood.variable].index(mood.state)])
                 extra = self.weights[mood.weight] if isinstance(mood.weight, str) else float(mood.weight)
                 cost = {q: self.weights["question_cost"] + (0.0 if q in mood.exempt else extra * p)
                         for q in [*askable, *(v.name for v in virtual)]}
         result = decide(
-            self.net, self.actions, self.questions, evidence.hard, soft,
+            self.net, actions, self.questions, evidence.hard, soft,
             question_cost=cost, askable=askable, posterior_vars=self.hidden,
             explain=explain, virtual=virtual,
         )
@@ -71,7 +78,7 @@ class Policy:
         question = None
         if result.kind == "ask":
             question = (disambiguation_text(self.pack, options) if options
-                        else self.pack.question(result.target).text)  # type: ignore[arg-type]
+                        else question_text(self.pack, evidence, result.target))  # type: ignore[arg-type]
         return DecisionResult(
             action=result.chosen,
             kind=result.kind,  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from coact.actors.actions import ActionActor
 from coact.actors.decision import DecisionActor
 from coact.actors.intent import IntentActor
 from coact.actors.reasoner import ReasonerActor
@@ -28,6 +29,8 @@ def build_app(args: dict | None = None) -> Application:
     decision = DecisionActor.options(**cfg.decision.deployment.serve_options()).bind(cfg.decision, cfg.domain)
     responder = ResponderActor.options(**cfg.responder.deployment.serve_options()).bind(cfg.responder, cfg.domain,
                                                                                          cfg.models)
+    actions = (ActionActor.options(**cfg.actions.deployment.serve_options()).bind(cfg.actions, cfg.domain)
+               if cfg.actions.enabled else None)
     return ChatIngress.options(**cfg.ingress.deployment.serve_options()).bind(
-        intent, reasoner, decision, responder, domain=cfg.domain, session_ttl_s=cfg.sessions.ttl_s,
-        turn_timeout_s=cfg.ingress.turn_timeout_s)
+        intent, reasoner, decision, responder, actions, domain=cfg.domain, session_ttl_s=cfg.sessions.ttl_s,
+        turn_timeout_s=cfg.ingress.turn_timeout_s, audit_log=cfg.actions.audit_log)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from coact.actors.config import (
+    ActionsConfig,
     ActorOptions,
     DecisionConfig,
     DeploymentOptions,
@@ -17,10 +18,10 @@ from coact.actors.config import (
     SessionsConfig,
     StageConfig,
 )
-from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ActionKind, SessionState
+from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ActionKind, ActionRecord, SessionState
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-StageName = Literal["session", "intent", "reasoner", "decision", "responder"]
+StageName = Literal["session", "intent", "reasoner", "decision", "action", "responder"]
 
 
 class _Wire(BaseModel):
@@ -49,6 +50,8 @@ class ActionOut(_Wire):
     kind: ActionKind
     name: str
     target: str | None = None
+    executed: list[ActionRecord] = Field(default_factory=list, description="what the action step did this turn: "
+                                         "each executed action's result (done / refused / failed)")
 
 
 class ChatResponse(_Wire):
@@ -99,7 +102,7 @@ class IngressConfig(StageConfig):
 
 
 DEPLOYMENT_NAMES = {"ingress": "ChatIngress", "intent": "IntentActor", "reasoner": "ReasonerActor",
-                    "decision": "DecisionActor", "responder": "ResponderActor"}
+                    "decision": "DecisionActor", "actions": "ActionActor", "responder": "ResponderActor"}
 def check_deployment(name: str, options: DeploymentOptions) -> None:
     """Serve's own validation of one deployment's options (what `serve deploy` would refuse), at config time."""
     from pydantic import ValidationError
@@ -133,9 +136,10 @@ class AppConfig(_Wire):
     intent: IntentConfig = Field(default_factory=IntentConfig)
     reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
     responder: ResponderConfig = Field(default_factory=ResponderConfig)
 
-    @field_validator("ingress", "intent", "reasoner", "decision", "responder")
+    @field_validator("ingress", "intent", "reasoner", "decision", "actions", "responder")
     @classmethod
     def _serve_accepts(cls, section: Any, info: ValidationInfo) -> Any:
         check_deployment(DEPLOYMENT_NAMES[info.field_name], section.deployment)

@@ -18,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from coact.actors.audit_log import MAX_ROWS, get_or_create_audit
 from coact.actors.session_store import DEFAULT_TTL_S, get_or_create_store
 from coact.graphs.policy.domain import load_pack
 from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ResponderChunk, ResponderRequest, SessionState
@@ -171,10 +172,12 @@ def _retrying(handle: DeploymentHandle, attempts: int = 3, backoff_s: float = 0.
 @serve.ingress(app)
 class ChatIngress:
     def __init__(self, intent: DeploymentHandle, reasoner: DeploymentHandle, decision: DeploymentHandle,
-                 responder: DeploymentHandle, domain: str = "banking", session_ttl_s: float = DEFAULT_TTL_S,
-                 turn_timeout_s: float = 120.0) -> None:
+                 responder: DeploymentHandle, actions: DeploymentHandle | None = None, domain: str = "banking",
+                 session_ttl_s: float = DEFAULT_TTL_S, turn_timeout_s: float = 120.0,
+                 audit_log: str | None = None) -> None:
         self.pack = load_pack(domain)
         self.store = get_or_create_store(session_ttl_s)
+        self.audit = get_or_create_audit(audit_log)
         self.ttl_s = session_ttl_s
         self.turn_timeout_s = turn_timeout_s
         self.responder = responder
@@ -186,6 +189,8 @@ class ChatIngress:
             respond=_retrying(responder),
             load=self._load,
             save=self._save,
+            # Retrying a call whose replica died is safe: the idempotency key makes the executor act once.
+            execute=_retrying(actions) if actions is not None else None,
         )
 
     async def _load(self, session_id: str) -> dict | None:
@@ -295,6 +300,15 @@ class ChatIngress:
         if not await self.store.delete.remote(session_id):
             return _error(404, f"unknown session_id {session_id!r}")
         return {"deleted": session_id}
+
+    @app.get("/v1/audit", responses={422: {}})
+    async def audit(self, session_id: str | None = None, limit: int = MAX_ROWS):
+        """The audit log: every executed action with its decision and result, oldest first (operators)."""
+        if session_id is not None and not _valid_session_id(session_id):
+            return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
+        if not 1 <= limit <= MAX_ROWS:
+            return _error(422, f"invalid limit: between 1 and {MAX_ROWS}")
+        return {"entries": await self.audit.entries.remote(session_id, limit)}
 
     @app.get("/healthz")
     async def healthz(self):

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from coact.graphs.policy.actions import action_call, executor_of, result_text
 from coact.graphs.policy.dialogue import (
     TERMINAL_KINDS,
     TurnPlan,
@@ -23,6 +24,8 @@ from coact.graphs.policy.dialogue import (
 )
 from coact.graphs.policy.domain import DomainPack
 from coact.graphs.policy.messages import (
+    ActionCall,
+    ActionRecord,
     DecisionRequest,
     DecisionResult,
     HistoryTurn,
@@ -37,6 +40,7 @@ from coact.graphs.serving.http import ActionOut, ChatRequest, ChatResponse, Stag
 
 HISTORY_TURNS = 6  # what the responder sees; the session keeps more
 HISTORY_KEEP = 50
+MAX_ACTIONS_PER_TURN = 2  # the decided action, and what the policy chooses if it could not be done
 
 
 class UnknownSession(KeyError):
@@ -51,6 +55,8 @@ class Stages:
     respond: Callable[[ResponderRequest], Awaitable[ResponderResult]]
     load: Callable[[str], Awaitable[dict | None]]
     save: Callable[[str, dict], Awaitable[None]]
+    # The action step; None: no executor (decided actions stay labels, as in the policy simulator).
+    execute: Callable[[ActionCall], Awaitable[ActionRecord]] | None = None
 
 
 async def _timed(coro: Awaitable) -> tuple[object, float]:
@@ -79,6 +85,8 @@ class PreparedTurn:
     pack: DomainPack
     responder_request: ResponderRequest | None = None  # None: answered by template (acts, acknowledgements)
     template_reply: str = ""
+    executed: list[ActionRecord] | None = None  # None: no action step ran (no executor)
+    confirmed: list[str] | None = None  # actions the reply may say happened; None: no action step
 
 
 async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
@@ -133,7 +141,13 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
         return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
                             decision=decision, action=ActionOut(kind="chitchat", name=f"done:{decision.action}"),
                             trace=trace, t_start=t_start, template_reply=done.done_reply)
+    decision, executed, results = await _execute(stages, pack, session, plan, request.message, decision, trace)
     template, forbidden = reply_template(pack, decision)
+    if results:
+        # The reply follows what happened: each executed action's result, then (if that action could not be
+        # done) what the policy chose instead, unless that was the next executed action itself.
+        follow = [] if executed and executed[-1].action == decision.action else [template]
+        template = " ".join([*results, *follow])
     if plan.prefix:
         template = f"{plan.prefix} {template}"
     if decision.kind in TERMINAL_KINDS:
@@ -143,12 +157,51 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
             forbidden = [f for f in forbidden if f != pack.intent(later[0]).faq]
             plan.deferred = [g for g in plan.deferred if g != later[0]]
             session.deferred = [g for g in session.deferred if g != later[0]]
+    confirmed = _confirmed(pack, decision, executed)
     req = ResponderRequest(message=request.message, decision=decision, template=template, forbidden=forbidden,
-                           history=session.history[-HISTORY_TURNS:])
+                           history=session.history[-HISTORY_TURNS:], confirmed=confirmed)
     return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
                         decision=decision, action=ActionOut(kind=decision.kind, name=decision.action,
-                                                            target=decision.target),
-                        trace=trace, t_start=t_start, responder_request=req, template_reply=template)
+                                                            target=decision.target, executed=executed or []),
+                        trace=trace, t_start=t_start, responder_request=req, template_reply=template,
+                        executed=executed, confirmed=None if executed is None else confirmed)
+
+
+async def _execute(stages: Stages, pack: DomainPack, session: SessionState, plan: TurnPlan, message: str,
+                   decision: DecisionResult, trace: list[StageTrace]
+                   ) -> tuple[DecisionResult, list[ActionRecord] | None, list[str]]:
+    """The action step: execute the decided action; if it was not done, it is off the table for this case and
+    the policy decides again (at risk and the freeze failed: a hand-over). Returns the final decision, the
+    executed actions (None without an action step) and the reply text of each result."""
+    if stages.execute is None:
+        return decision, None, []
+    executed: list[ActionRecord] = []
+    results: list[str] = []
+    while (len(executed) < MAX_ACTIONS_PER_TURN and executor_of(pack, decision) is not None
+           and decision.action not in session.done_actions):
+        call = action_call(pack, session, decision, message, executed)
+        record, ms = await _timed(stages.execute(call))
+        assert isinstance(record, ActionRecord)
+        executed.append(record)
+        trace.append(StageTrace(stage="action", ms=round(ms, 2), output=record.model_dump()))
+        results.append(result_text(pack, decision.action, record, record.idempotency_key[:8].upper()))
+        if record.status == "done":
+            break
+        plan.evidence.unavailable.append(decision.action)
+        plan.notes.append(f"{decision.action} {record.status} ({record.reason}): decided again without it")
+        decision, dec_ms = await _timed(stages.decide(DecisionRequest(evidence=plan.evidence)))
+        assert isinstance(decision, DecisionResult)
+        trace.append(StageTrace(stage="decision", ms=round(dec_ms, 2),
+                                output=decision.model_dump() | {"after": f"{record.action} {record.status}"}))
+    return decision, executed, results
+
+
+def _confirmed(pack: DomainPack, decision: DecisionResult, executed: list[ActionRecord] | None) -> list[str]:
+    """The actions a reply may say happened: those the executor confirmed (or, with no executor, the decided one)."""
+    done = [r.action for r in executed or [] if r.status == "done"]
+    if executed is None or executor_of(pack, decision) is None:
+        done.append(decision.action)
+    return done
 
 
 def partial_response(turn: PreparedTurn) -> ChatResponse:
@@ -180,7 +233,8 @@ async def finish_turn(stages: Stages, turn: PreparedTurn, responder: ResponderRe
         trace.append(StageTrace(stage="responder", ms=round(responder_ms, 2), output=responder.model_dump()))
 
     session = turn.session
-    close_or_continue(session, turn.plan, turn.decision, turn.pack)
+    close_or_continue(session, turn.plan, turn.decision, turn.pack, turn.confirmed)
+    session.actions = [*session.actions, *(turn.executed or [])][-HISTORY_KEEP:]
     session.turns += 1
     session.updated_at = time.time()
     session.history = [*session.history, HistoryTurn(role="user", text=turn.request.message),
