@@ -43,16 +43,20 @@ class ActionExecutor:
         self.cfg = cfg or ActionsConfig()
         self.pack = domain if isinstance(domain, DomainPack) else load_pack(domain)
         self.functions = {}
+        self.executors = {}  # every executable action: the pack's, and the actions that undo them
         for name, action in self.pack.actions.items():
             ex = action.executor
             if ex is None:
                 continue
+            self.executors[name] = ex
+            if action.undo is not None:
+                self.executors[action.undo.action] = ex
             if ex.webhook is not None and ex.webhook not in self.cfg.webhooks:
                 raise ValueError(f"actions.{name}.executor.webhook: {ex.webhook!r} is not in the config's "
                                  f"actions.webhooks {sorted(self.cfg.webhooks)}")
             if ex.python is not None:
                 module, _, attr = ex.python.partition(":")
-                self.functions[name] = getattr(importlib.import_module(module), attr)
+                self.functions[ex.python] = getattr(importlib.import_module(module), attr)
         self.client = httpx.AsyncClient()
 
     async def execute(self, call: ActionCall) -> ActionRecord:
@@ -63,17 +67,16 @@ class ActionExecutor:
                             attempts=attempts, ms=round((time.perf_counter() - t0) * 1000.0, 2))
 
     async def _outcome(self, call: ActionCall) -> tuple[ActionOutcome, int]:
-        spec = self.pack.actions.get(call.action)
-        if spec is None or spec.executor is None:
+        ex = self.executors.get(call.action)
+        if ex is None:
             return ActionOutcome(status="refused", reason=f"no executor for action {call.action!r}"), 0
         if self.cfg.dry_run:
             return ActionOutcome(status="done", reason="dry run", data={"dry_run": True}), 0
-        if spec.executor.python is not None:
-            return await self._python(call), 1
-        return await self._webhook(call, self.cfg.webhooks[spec.executor.webhook])  # type: ignore[index]
+        if ex.python is not None:
+            return await self._python(call, self.functions[ex.python]), 1
+        return await self._webhook(call, self.cfg.webhooks[ex.webhook])  # type: ignore[index]
 
-    async def _python(self, call: ActionCall) -> ActionOutcome:
-        fn = self.functions[call.action]
+    async def _python(self, call: ActionCall, fn) -> ActionOutcome:
         try:
             out = await fn(call) if inspect.iscoroutinefunction(fn) else await asyncio.to_thread(fn, call)
             return out if isinstance(out, ActionOutcome) else ActionOutcome.model_validate(out)

@@ -22,7 +22,7 @@ from coact.cluster.runtime import free_port
 from coact.graphs.policy.actions import action_call, idempotency_key, result_text
 from coact.graphs.policy.bayesnet import SoftEvidence
 from coact.graphs.policy.decide import decide, expected_utilities
-from coact.graphs.policy.dialogue import CONFIRM_PREFIX, confirmation_questions, plan_turn
+from coact.graphs.policy.dialogue import CONFIRM_PREFIX, close_or_continue, confirmation_questions, plan_turn
 from coact.graphs.policy.domain import DomainPackError, load_pack, parse_pack, resolve_pack_path
 from coact.graphs.policy.messages import (
     ActionCall,
@@ -119,7 +119,7 @@ def test_pack_names_a_bad_executor_and_confirmation() -> None:
     with pytest.raises(DomainPackError, match=r"actions\.freeze_card\.executor.*exactly one"):
         parse_pack(text.replace("executor: {webhook: bank}", "executor: {}", 1))
     with pytest.raises(DomainPackError, match=r"actions\.freeze_card\.confirm\.affirm"):
-        parse_pack(text.replace('affirm: {"yes": 0.95, "no": 0.2}', 'affirm: {"yes": 0.95}', 1))
+        parse_pack(text.replace('affirm: {"yes": 0.95, "no": 0.5}', 'affirm: {"yes": 0.95}', 1))
     with pytest.raises(DomainPackError, match="failed_reply"):
         parse_pack(text.replace("    failed_reply: \"I couldn't freeze your card just now.\"\n", "", 1))
 
@@ -278,4 +278,78 @@ def test_guard_allows_claims_only_of_confirmed_actions() -> None:
 def test_the_pack_declares_an_executor_for_every_claimed_action() -> None:
     executed = {k for k, a in PACK.actions.items() if a.executor is not None}
     assert executed == {"freeze_card", "escalate"}
-    assert np.isclose(sum(PACK.actions["freeze_card"].confirm.affirm.values()), 1.15)  # P(agree) per state
+    assert np.isclose(sum(PACK.actions["freeze_card"].confirm.affirm.values()), 1.45)  # P(agree) per state
+
+
+# --------------------------------------------------------------------------- taking an action back
+
+def _after_freeze() -> SessionState:
+    return SessionState(session_id="s", turns=1, last_action="freeze_card", last_kind="action",
+                        done_actions=["freeze_card"], goal_belief={"compromised_card": 0.9})
+
+
+def test_no_dont_freeze_it_right_after_the_freeze_undoes_it() -> None:
+    from tests.test_dialogue import intent_for
+
+    plan = plan_turn(_after_freeze(), "no, don't freeze it", intent_for("compromised_card", 0.6, deny=0.9), reasoner(),
+                     PACK)
+    assert plan.undo == "freeze_card" and plan.reply is None
+    plan = plan_turn(_after_freeze(), "that's not what I asked", act(correction=0.9), reasoner(), PACK)
+    assert plan.undo == "freeze_card"
+
+
+def test_a_bare_no_or_a_new_topic_does_not_undo() -> None:
+    from tests.test_dialogue import intent_for
+
+    assert plan_turn(_after_freeze(), "no", act(deny=0.95), reasoner(), PACK).undo is None
+    new_topic = intent_for("exchange_rate", 0.9, deny=0.8)
+    assert plan_turn(_after_freeze(), "no, what's the exchange rate?", new_topic, reasoner(), PACK).undo is None
+    not_done = _after_freeze()
+    not_done.done_actions = []  # the freeze failed: nothing to take back
+    assert plan_turn(not_done, "that's not what I asked", act(correction=0.9), reasoner(), PACK).undo is None
+
+
+def test_undo_runs_on_the_same_executor(server: ActionServerProcess) -> None:
+    ex = _executor(server.url)
+    undo = _call("undo-1").model_copy(update={"action": "unfreeze_card", "idempotency_key": "undo-1-k"})
+
+    async def both():  # one event loop, as in a replica: the executor's HTTP client belongs to it
+        return await ex.execute(_call("undo-1")), await ex.execute(undo)
+
+    froze, record = asyncio.run(both())
+    assert (froze.status, record.status) == ("done", "done")
+    assert httpx.get(f"{server.url}/v1/cards/undo-1", timeout=5).json()["status"] == "active"
+
+
+@pytest.mark.parametrize(("p_agree_safe", "after_yes"), [(0.2, f"ask:{CONFIRM}"), (0.3, f"ask:{CONFIRM}"),
+                                                         (0.4, "freeze_card"), (0.5, "freeze_card")])
+def test_confirmation_after_someone_else_used_it_depends_on_p_agree_when_safe(p_agree_safe: float,
+                                                                              after_yes: str) -> None:
+    """"Payment I don't recognise" - "someone else?" - "yes" on synthetic evidence, under each P(agree | safe)."""
+    from tests.test_dialogue import intent_for
+
+    text = resolve_pack_path("banking").read_text()
+    pack = parse_pack(text.replace('affirm: {"yes": 0.95, "no": 0.5}', f'affirm: {{"yes": 0.95, "no": {p_agree_safe}}}'))
+    policy = Policy(pack)
+    session = SessionState(session_id="s")
+    decided = []
+    for message, intent in (("I see a payment I don't recognise", intent_for("card_payment_not_recognised", 0.7)),
+                            ("yes", act(affirm=0.97))):
+        plan = plan_turn(session, message, intent, reasoner(), pack)
+        d = policy.decide(plan.evidence)
+        close_or_continue(session, plan, d, pack)
+        session.turns += 1
+        decided.append(d)
+    assert decided[0].action == "ask:q_someone_else"
+    assert decided[1].action == after_yes, decided[1].value_of_information
+
+
+def test_claimed_actions_reads_what_a_reply_says_was_done() -> None:
+    from coact.graphs.policy.actions import claimed_actions
+
+    done = result_text(PACK, "freeze_card", ActionOutcome(status="done", reference="F-1"), "K")
+    failed = result_text(PACK, "freeze_card", ActionOutcome(status="failed"), "K")
+    ticket = result_text(PACK, "escalate", ActionOutcome(status="done", reference="T-1"), "K")
+    assert claimed_actions(PACK, done) == ["freeze_card"]
+    assert claimed_actions(PACK, f"{failed} {ticket}") == ["escalate"]
+    assert claimed_actions(PACK, PACK.actions["freeze_card"].done_reply) == []  # "already frozen": nothing new

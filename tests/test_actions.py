@@ -151,3 +151,19 @@ def test_audit_route_names_bad_queries(template_app_url: str) -> None:
     for params, needle in (({"session_id": "not a valid id!"}, "session_id"), ({"limit": 0}, "limit")):
         r = httpx.get(f"{template_app_url}/v1/audit", params=params, timeout=30)
         assert r.status_code == 422 and needle in r.json()["error"]
+
+
+def test_taking_the_freeze_back_unfreezes_the_card(template_app_url: str, action_server) -> None:
+    first = chat(template_app_url, AT_RISK)
+    sid = first["session_id"]
+    assert action_server.get(f"/v1/cards/{sid}")["status"] == "frozen"
+    back = chat(template_app_url, "no wait, that's not what I asked for, don't freeze it", sid)
+    assert back["action"]["name"] == "unfreeze_card", back["trace"]["stages"]
+    (undo,) = back["action"]["executed"]
+    assert undo["status"] == "done" and "unfrozen" in back["reply"]
+    assert action_server.get(f"/v1/cards/{sid}")["status"] == "active"
+    assert [(e["action"], e["status"]) for e in audit(template_app_url, sid)] == [("freeze_card", "done"),
+                                                                                  ("unfreeze_card", "done")]
+    # Asked again, the card is frozen again (it is no longer "already frozen").
+    again = chat(template_app_url, "actually yes, freeze it, someone is using my card", sid)
+    assert [r["action"] for r in again["action"]["executed"]] == ["freeze_card"]

@@ -86,11 +86,7 @@ def test_ask_then_yes_then_freeze() -> None:
     assert first.explanation and first.reason.startswith("asking q_someone_else")
     assert session.pending_question == "q_someone_else"
     plan, second = turn(session, "yes", act(affirm=0.97))
-    # Someone else may have used it (P(at risk) ~0.74): freezing blocks every payment, so the policy asks first.
-    assert plan.answered == "q_someone_else=yes" and second.action == "ask:confirm:freeze_card"
-    assert second.question == PACK.actions["freeze_card"].confirm.text
-    plan, third = turn(session, "yes", act(affirm=0.97))
-    assert plan.answered == "confirm:freeze_card=yes" and third.action == "freeze_card"
+    assert plan.answered == "q_someone_else=yes" and second.action == "freeze_card"
     assert session.pending_question is None and session.done_actions == ["freeze_card"]
 
 
@@ -118,7 +114,7 @@ def test_pending_question_survives_chitchat_and_is_answered_in_words() -> None:
     assert session.pending_question == "q_someone_else"
     plan, d = turn(session, "I never made that payment", intent_for("card_payment_not_recognised", 0.6,
                                                                     answer="yes"))
-    assert plan.answered == "q_someone_else=yes" and d.action in ("freeze_card", "ask:confirm:freeze_card")
+    assert plan.answered == "q_someone_else=yes" and d.action == "freeze_card"
 
 
 def test_not_sure_adds_no_evidence_and_moves_on() -> None:

@@ -33,7 +33,7 @@ CLEAR_CATEGORIES = {"one_shot", "request_human", "frustration", "closing", "out_
 
 
 def response(kind: str, name: str | None = None, target: str | None = None, reply: str = "ok") -> dict:
-    return {"session_id": "s1", "reply": reply, "action": {"kind": kind, "name": name or kind, "target": target},
+    return {"session_id": "s1", "reply": reply, "action": {"kind": kind, "name": name or kind, "target": target, "executed": []},
             "trace": {"stages": []}}
 
 
@@ -158,6 +158,9 @@ def test_dialogue_set_against_the_app(template_app_url: str, tmp_path: Path) -> 
     assert (tmp_path / "report.json").exists()
     # A ratchet on what the policy achieves today (86% of dialogues; docs/dialogue.md lists the misses),
     # not the 95% / 85%-per-category target: the clear-cut categories must hold, none may collapse.
+    # Every reply claims exactly the actions the executor did in that turn (none claimed and not done).
+    assert not report.action_mismatches(), report.action_mismatches()
+    assert sum(len(t.executed) for r in report.results for t in r.turns) > 0
     rates = {s.category: s.rate for s in report.categories()}
     weak = {c: round(r, 3) for c, r in rates.items() if r < (MIN_CLEAR if c in CLEAR_CATEGORIES else MIN_CATEGORY)}
     assert report.rate >= MIN_OVERALL and not weak, (

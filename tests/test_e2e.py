@@ -47,7 +47,8 @@ def test_ambiguous_request_asks_then_acts_on_yes(app_url: str) -> None:
     second = chat(app_url, "yes", sid)
     assert second["session_id"] == sid
     assert stage(second, "decision")["output"]["answered"] == f"{question}=yes"
-    assert second["action"] == {"kind": "action", "name": "freeze_card", "target": None}
+    assert second["action"] | {"executed": []} == {"kind": "action", "name": "freeze_card", "target": None, "executed": []}
+    assert [r["status"] for r in second["action"]["executed"]] == ["done"]  # frozen on the action server
     assert "frozen" in second["reply"]
 
     session = httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]
@@ -73,7 +74,7 @@ def test_clear_requests_are_answered_directly(app_url: str) -> None:
     oos = chat(app_url, "What will the weather be like in Paris tomorrow?")
     assert oos["action"]["kind"] == "decline"
     hello = chat(app_url, "hello")
-    assert hello["action"] == {"kind": "chitchat", "name": "greeting", "target": None}
+    assert hello["action"] == {"kind": "chitchat", "name": "greeting", "target": None, "executed": []}
 
 
 def test_responder_output_is_guarded(app_url: str) -> None:

@@ -52,7 +52,8 @@ def test_completion_keeps_the_session_across_calls(app_url: str) -> None:
     assert decision["question"] in reply
     history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "yes"}]
     second = c.chat.completions.create(model=MODEL, messages=history, user=sid)
-    assert ext(second)["action"] == {"kind": "action", "name": "freeze_card", "target": None}
+    assert ext(second)["action"] | {"executed": []} == {"kind": "action", "name": "freeze_card", "target": None, "executed": []}
+    assert [r["status"] for r in ext(second)["action"]["executed"]] == ["done"]  # frozen on the action server
     assert "frozen" in second.choices[0].message.content
     assert second.usage.completion_tokens == ext(second)["trace"]["stages"][-1]["output"]["tokens"]
     session = httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]

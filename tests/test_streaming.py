@@ -36,7 +36,8 @@ def test_streamed_turns_keep_the_session_like_plain_turns(app_url: str) -> None:
     assert decision["question"] in first["reply"]
     sid = first["session_id"]
     second = check_turn_stream(stream_chat(app_url, "yes", sid))
-    assert second["action"] == {"kind": "action", "name": "freeze_card", "target": None}
+    assert second["action"] | {"executed": []} == {"kind": "action", "name": "freeze_card", "target": None, "executed": []}
+    assert [r["status"] for r in second["action"]["executed"]] == ["done"]  # frozen on the action server
     assert "frozen" in second["reply"]
     session = httpx.get(f"{app_url}/v1/sessions/{sid}", timeout=30).json()["session"]
     assert session["turns"] == 2 and session["pending_question"] is None
@@ -49,7 +50,7 @@ def test_streamed_turns_keep_the_session_like_plain_turns(app_url: str) -> None:
 def test_stream_conversation_act(app_url: str) -> None:
     events = stream_chat(app_url, "hello")
     done = check_turn_stream(events)
-    assert done["action"] == {"kind": "chitchat", "name": "greeting", "target": None}
+    assert done["action"] == {"kind": "chitchat", "name": "greeting", "target": None, "executed": []}
     assert done["source"] == "template" and done["reply"]
 
 

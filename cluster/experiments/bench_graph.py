@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started, tmp = start_ray(4)  # a private local Ray (or the job's cluster under `ray job submit`)
     try:
-        url = deploy({"models": str(models), "max_new_tokens": args.max_new_tokens}, port=args.port)
+        url = deploy({"models": str(models), "responder": {"max_new_tokens": args.max_new_tokens}}, port=args.port)
 
         async def run_graph(c: int):
             async with httpx.AsyncClient(timeout=600) as client:

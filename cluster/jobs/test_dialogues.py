@@ -24,6 +24,10 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from coact.graphs.policy.actions import claimed_actions
+
+DOMAIN = "banking"  # the pack whose action replies count as claims
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO / "cluster" / "dialogues" / "banking.yaml"
 DOMAINS_DIR = REPO / "graphs" / "policy" / "domains"
@@ -112,7 +116,7 @@ def _semantic_errors(dialogues: list[Dialogue], intents: Collection[str] | None)
             unknown = [x for x in turn.intents or [] if intents is not None and x not in intents]
             if unknown:
                 errors.append(f"dialogue {d.name!r}: turns.{i}.intents: unknown intents {unknown}")
-            bad = [t for t in turn.targets or [] if t != "goal" and not t.startswith("q_")]
+            bad = [t for t in turn.targets or [] if t != "goal" and not t.startswith(("q_", "confirm:"))]
             if bad:
                 errors.append(f"dialogue {d.name!r}: turns.{i}.targets: not a question variable {bad}")
     return errors
@@ -188,6 +192,8 @@ class TurnRecord(BaseModel):
     body: str | None = None  # an excerpt of the body when the status was not 200
     ms: float = 0.0
     problems: list[str] = Field(default_factory=list)
+    executed: list[str] = Field(default_factory=list, description="actions the executor confirmed (done) this turn")
+    claimed: list[str] = Field(default_factory=list, description="actions the reply says were just done")
 
 
 class Failure(BaseModel):
@@ -235,6 +241,11 @@ class Report(BaseModel):
     def rate(self) -> float:
         return self.passed / self.total if self.total else 0.0
 
+    def action_mismatches(self) -> list[str]:
+        """Turns whose reply claims other actions than the executor did (must be none)."""
+        return [f"{r.name} turn {t.index}: executed {t.executed}, claimed {t.claimed}"
+                for r in self.results for t in r.turns if sorted(t.executed) != sorted(t.claimed)]
+
     def categories(self) -> list[CategoryStats]:
         stats: dict[str, CategoryStats] = {}
         for r in self.results:
@@ -273,11 +284,19 @@ def _intent_top(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _pack():
+    from coact.graphs.policy.domain import load_pack
+
+    return load_pack(DOMAIN)
+
+
 def record_turn(index: int, turn: Turn, status: int, body: Any, ms: float) -> TurnRecord:
     rec = TurnRecord(index=index, user=turn.user, status=status, ms=round(ms, 1), problems=check_turn(turn, status, body))
     if status == 200 and isinstance(body, dict) and isinstance(body.get("action"), dict):
         rec.kind, rec.name, rec.target = (body["action"].get(k) for k in ("kind", "name", "target"))
         rec.reply, rec.intent_top = body.get("reply"), _intent_top(body)
+        rec.executed = [r["action"] for r in body["action"].get("executed") or [] if r.get("status") == "done"]
+        rec.claimed = claimed_actions(_pack(), rec.reply or "")
     else:
         rec.body = _excerpt(body)
     return rec
@@ -357,6 +376,11 @@ def render_markdown(report: Report) -> str:
         f"in {report.duration_s:.0f} s.",
         "",
         markdown_table(report),
+        "",
+        f"Actions: {sum(len(t.executed) for r in report.results for t in r.turns)} executed (done), "
+        f"{sum(len(t.claimed) for r in report.results for t in r.turns)} claimed in replies, "
+        f"{len(report.action_mismatches())} turns where they differ"
+        + "".join(f"\n- {m}" for m in report.action_mismatches()),
         "",
         f"## Failures ({len(report.failures())})",
         "",

@@ -83,3 +83,20 @@ def result_text(pack: DomainPack, action: str, outcome: ActionOutcome | ActionRe
     if outcome.status == "refused" and spec.refused_reply:
         return spec.refused_reply.format(reason=(outcome.reason or "it was refused").rstrip("."))
     return spec.failed_reply or pack.fallback_reply
+
+
+def claimed_actions(pack: DomainPack, reply: str) -> list[str]:
+    """The actions a reply says were just carried out: those whose done-reply opening (up to its first placeholder)
+    it contains, undo actions included. For checking that replies claim exactly what the executor did."""
+    def opening(text: str) -> str:
+        return " ".join(text.split("{", 1)[0].split())[:60]
+
+    said = " ".join(reply.split())
+    out = []
+    for name, spec in pack.actions.items():
+        if spec.executor is not None and spec.reply and opening(spec.reply) in said:
+            out.append(name)
+        if spec.undo is not None and opening(spec.undo.reply) in said:
+            out.append(spec.undo.action)
+    return out
+

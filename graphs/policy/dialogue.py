@@ -374,6 +374,7 @@ class TurnPlan:
     answered: str | None = None  # "variable=state" when the message answered the pending question
     prefix: str = ""  # said before the decided reply ("No problem." after "not sure")
     deferred: list[str] = field(default_factory=list)  # goals of this message kept for later
+    undo: str | None = None  # a done action the customer takes back ("no, don't freeze it"): undo it, decide nothing
     notes: list[str] = field(default_factory=list)  # what the plan did, for the trace
 
     def trace(self) -> dict:
@@ -453,6 +454,13 @@ def plan_turn(session: SessionState, message: str, intent: IntentResult, reasone
             plan.notes.append(f"{act or 'no answer'} while {pending} is pending: the question stays open")
             return plan
 
+    if pending is None and _takes_back(pack, session, intent, acts, content):
+        plan.undo = session.last_action
+        plan.reply_name = f"undo:{session.last_action}"
+        plan.notes.append(f"{'/'.join(sorted(acts & {'deny', 'correction'}))} right after {session.last_action}: "
+                          "undone, not decided again")
+        return plan
+
     correcting = "correction" in acts or (
         "deny" in acts and pending is None and session.last_kind == "answer" and not acts & set(SOCIAL_ACTS))
     if not content and not correcting and "request_human" not in acts and plan.answered is None:
@@ -490,6 +498,21 @@ def plan_turn(session: SessionState, message: str, intent: IntentResult, reasone
             label=f"turn {turn}: the customer asked for a person (p={p:.2f})", turn=turn))
         plan.notes.append("the customer asked for a person")
     return plan
+
+
+def _takes_back(pack: DomainPack, session: SessionState, intent: IntentResult, acts: set[str], content: bool) -> bool:
+    """"No, don't do that!" right after an action the executor confirmed, which the pack can undo; a message
+    that clearly opens another topic is not a take-back."""
+    last = session.last_action or ""
+    spec = pack.actions.get(last)
+    if spec is None or spec.undo is None or session.last_kind != "action" or last not in session.done_actions:
+        return False
+    if acts & {"affirm", "thanks"} or not ("correction" in acts or ("deny" in acts and content)):
+        return False  # a bare "no" is too thin to unfreeze a card that may be at risk
+    top = intent.top[0]
+    new_topic = (content and top.p >= 0.5 and top.label != pack.out_of_scope_label
+                 and same_case_probability(pack, session.goal_belief, intent_likelihood(intent, pack)) < 0.5)
+    return not new_topic  # as for an open case: only a clear new topic is not about the action just done
 
 
 def _content_evidence(pack: DomainPack, plan: TurnPlan, message: str, intent: IntentResult,

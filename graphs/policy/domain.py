@@ -150,6 +150,14 @@ class Confirmation(_Strict):
     affirm: dict[str, float] = Field(description="P(the customer agrees | state), per state of `variable`")
 
 
+class Undo(_Strict):
+    """How the customer takes a done action back ("no, don't freeze it!"): another action of the same executor."""
+
+    action: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="the executor's action that reverses it")
+    reply: str = Field(description="after the executor said done; {reference}")
+    failed_reply: str
+
+
 class ActionTemplate(_Strict):
     kind: Literal["answer", "action", "escalate", "decline"]
     reply: str | None = Field(default=None, description="template reply (after the executor said done; "
@@ -159,12 +167,15 @@ class ActionTemplate(_Strict):
     confirm: Confirmation | None = Field(default=None, description="high impact: the option to ask first")
     refused_reply: str | None = Field(default=None, description="the executor refused; {reason}")
     failed_reply: str | None = Field(default=None, description="the executor could not be reached or failed")
+    undo: Undo | None = Field(default=None, description="what reverses it when the customer says no right after")
     utility: list[UtilityTerm]
 
     @model_validator(mode="after")
     def _replies(self) -> ActionTemplate:
         if self.executor is not None and (not self.reply or not self.failed_reply):
             raise ValueError("an action with an executor needs reply and failed_reply (the reply follows the result)")
+        if self.undo is not None and self.executor is None:
+            raise ValueError("undo: only an action with an executor can be undone (by the same executor)")
         return self
 
 

@@ -77,6 +77,7 @@ from typing import Any, Protocol, get_args
 import numpy as np
 
 from coact.graphs.policy.dialogue import (
+    CONFIRM_PREFIX,
     GOAL_QUESTION,
     TERMINAL_KINDS,
     close_or_continue,
@@ -757,6 +758,12 @@ class Simulator:
             act = self.answer_act[variable][state]
             return self.act_message("yes" if act == "affirm" else "no", {act: 1.0}, 0.0,
                                     AnswerReading(state=None, scores={s: 0.0 for s in scores}))
+        if target.startswith(CONFIRM_PREFIX):  # "Shall I freeze your card now?": agrees as the pack says users do
+            spec = self.pack.actions[target.removeprefix(CONFIRM_PREFIX)].confirm
+            assert spec is not None
+            state = self.net.states[spec.variable][int(codes[spec.variable][u])]
+            agree = extra < spec.affirm[state]
+            return self.act_message("yes" if agree else "no", {"affirm" if agree else "deny": 1.0})
         if target == GOAL_QUESTION or target == "confirm":
             options = list(reply.options)
             if target == "confirm":  # "did you mean X?": a yes/no question about one intent

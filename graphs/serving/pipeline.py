@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from coact.graphs.policy.actions import action_call, executor_of, result_text
+from coact.graphs.policy.actions import action_call, executor_of, idempotency_key, result_text
 from coact.graphs.policy.dialogue import (
     TERMINAL_KINDS,
     TurnPlan,
@@ -25,6 +25,7 @@ from coact.graphs.policy.dialogue import (
 from coact.graphs.policy.domain import DomainPack
 from coact.graphs.policy.messages import (
     ActionCall,
+    ActionOutcome,
     ActionRecord,
     DecisionRequest,
     DecisionResult,
@@ -87,6 +88,7 @@ class PreparedTurn:
     template_reply: str = ""
     executed: list[ActionRecord] | None = None  # None: no action step ran (no executor)
     confirmed: list[str] | None = None  # actions the reply may say happened; None: no action step
+    undone: str | None = None  # a done action this turn reversed
 
 
 async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
@@ -126,6 +128,8 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     trace.append(StageTrace(stage="reasoner", ms=round(reason_ms, 2), output=reasoner.model_dump()))
 
     plan = plan_turn(session, request.message, intent, reasoner, pack, part_results)
+    if plan.undo is not None:
+        return await _undo_turn(stages, pack, request, session, plan, intent, reasoner, trace, t_start)
     if plan.reply is not None:
         trace.append(StageTrace(stage="decision", ms=0.0, output={"skipped": plan.reply_name} | plan.trace()))
         return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
@@ -146,7 +150,7 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     if results:
         # The reply follows what happened: each executed action's result, then (if that action could not be
         # done) what the policy chose instead, unless that was the next executed action itself.
-        follow = [] if executed and executed[-1].action == decision.action else [template]
+        follow = [] if not executed or executed[-1].action == decision.action else [template]
         template = " ".join([*results, *follow])
     if plan.prefix:
         template = f"{plan.prefix} {template}"
@@ -167,6 +171,35 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
                         executed=executed, confirmed=None if executed is None else confirmed)
 
 
+async def _undo_turn(stages: Stages, pack: DomainPack, request: ChatRequest, session: SessionState, plan: TurnPlan,
+                     intent: IntentResult, reasoner: ReasonerResult, trace: list[StageTrace],
+                     t_start: float) -> PreparedTurn:
+    """The customer takes back the action just done: its undo runs through the same executor, nothing is decided."""
+    spec = pack.actions[plan.undo].undo  # type: ignore[index]
+    assert spec is not None
+    trace.append(StageTrace(stage="decision", ms=0.0, output={"skipped": plan.reply_name} | plan.trace()))
+    executed: list[ActionRecord] | None = None
+    if stages.execute is None:
+        reply = spec.reply.format(reference="not recorded")
+    else:
+        turn = session.turns + 1
+        call = ActionCall(idempotency_key=idempotency_key(session.session_id, turn, spec.action),
+                          session_id=session.session_id, turn=turn, action=spec.action,
+                          reason=f"the customer took back {plan.undo}: \"{request.message}\"",
+                          summary=f"The customer asked to undo {plan.undo} right after it was done.",
+                          conversation=[*session.history, HistoryTurn(role="user", text=request.message)])
+        record, ms = await _timed(stages.execute(call))
+        assert isinstance(record, ActionRecord)
+        executed = [record]
+        trace.append(StageTrace(stage="action", ms=round(ms, 2), output=record.model_dump()))
+        reply = (spec.reply.format(reference=record.reference or record.idempotency_key[:8].upper())
+                 if record.status == "done" else spec.failed_reply)
+    return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
+                        decision=None, action=ActionOut(kind="action", name=spec.action, executed=executed or []),
+                        trace=trace, t_start=t_start, template_reply=reply, executed=executed,
+                        undone=plan.undo if executed is None or executed[0].status == "done" else None)
+
+
 async def _execute(stages: Stages, pack: DomainPack, session: SessionState, plan: TurnPlan, message: str,
                    decision: DecisionResult, trace: list[StageTrace]
                    ) -> tuple[DecisionResult, list[ActionRecord] | None, list[str]]:
@@ -174,7 +207,10 @@ async def _execute(stages: Stages, pack: DomainPack, session: SessionState, plan
     the policy decides again (at risk and the freeze failed: a hand-over). Returns the final decision, the
     executed actions (None without an action step) and the reply text of each result."""
     if stages.execute is None:
-        return decision, None, []
+        # No action step (a benchmark baseline): the decided action is only a label, as before the step existed.
+        label = ([result_text(pack, decision.action, ActionOutcome(status="done"), "not recorded")]
+                 if executor_of(pack, decision) is not None and decision.action not in session.done_actions else [])
+        return decision, None, label
     executed: list[ActionRecord] = []
     results: list[str] = []
     while (len(executed) < MAX_ACTIONS_PER_TURN and executor_of(pack, decision) is not None
@@ -234,6 +270,8 @@ async def finish_turn(stages: Stages, turn: PreparedTurn, responder: ResponderRe
 
     session = turn.session
     close_or_continue(session, turn.plan, turn.decision, turn.pack, turn.confirmed)
+    if turn.undone is not None:
+        session.done_actions = [a for a in session.done_actions if a != turn.undone]
     session.actions = [*session.actions, *(turn.executed or [])][-HISTORY_KEEP:]
     session.turns += 1
     session.updated_at = time.time()

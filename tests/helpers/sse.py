@@ -61,10 +61,13 @@ def check_turn_stream(events: list[Event]) -> dict:
     assert set(names) <= {"decision", "token", "replace", "done"}, names
     assert all(e.sent is not None for e in events), "every event carries the server's time"
     first = events[0].data
-    assert [s["stage"] for s in first["trace"]["stages"]] == FIRST_STAGES
+    stages = [s["stage"] for s in first["trace"]["stages"]]
+    # After the decision, one `action` stage per executed action (and a new decision after each one not done).
+    assert stages[:len(FIRST_STAGES)] == FIRST_STAGES and set(stages[len(FIRST_STAGES):]) <= {"action", "decision"}
+    assert stages.count("action") == len(first["action"]["executed"]), stages
     assert first["action"]["kind"] and first["session_id"]
     done = events[-1].data
-    assert [s["stage"] for s in done["trace"]["stages"]] == [*FIRST_STAGES, "responder"]
+    assert [s["stage"] for s in done["trace"]["stages"]] == [*stages, "responder"]
     assert done["action"] == first["action"] and done["session_id"] == first["session_id"]
     responder = done["trace"]["stages"][-1]["output"]
     assert done["source"] == responder["source"] and done["guard"] == responder.get("guard")
