@@ -167,3 +167,18 @@ def test_taking_the_freeze_back_unfreezes_the_card(template_app_url: str, action
     # Asked again, the card is frozen again (it is no longer "already frozen").
     again = chat(template_app_url, "actually yes, freeze it, someone is using my card", sid)
     assert [r["action"] for r in again["action"]["executed"]] == ["freeze_card"]
+
+
+def test_audit_log_survives_its_actor_restarting(template_app_url: str) -> None:
+    import ray
+
+    from coact.actors.audit_log import AUDIT_NAME
+    from coact.actors.session_store import STORE_NAMESPACE
+
+    sid = chat(template_app_url, AT_RISK)["session_id"]
+    before = audit(template_app_url, sid)
+    assert [e["action"] for e in before] == ["freeze_card"]
+    # The actor's process dies (no_restart=False: Ray restarts it, as after a crash); the file keeps the rows.
+    ray.kill(ray.get_actor(AUDIT_NAME, namespace=STORE_NAMESPACE), no_restart=False)
+    after = audit(template_app_url, sid)
+    assert [(e["id"], e["call"]) for e in after] == [(e["id"], e["call"]) for e in before]

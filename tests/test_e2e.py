@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import httpx
 import pytest
@@ -111,6 +112,40 @@ def test_session_survives_replica_kill(serve_app) -> None:
     second = chat(url, "yes", first["session_id"])
     assert second["action"]["name"] == "freeze_card"
     assert not killed & replicas(DESTRUCTIVE_APP, "ChatIngress", "DecisionActor")  # replaced, not reused
+
+
+def test_action_replica_killed_mid_freeze_freezes_once(serve_app, action_server) -> None:
+    """The ActionActor dies while its freeze call waits at the action server: the turn answers 503 (or the
+    ingress's retry lands), the client sends the turn again, and the card is frozen exactly once."""
+    import ray
+
+    url = serve_app(DESTRUCTIVE_APP, {"responder": {"generate": False}})
+    sid = chat(url, "hello")["session_id"]
+    message = "someone has been using my card without my permission"
+    action_server.faults(delay_s=1.5, actions=["freeze_card"])  # within the webhook's 2 s timeout
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/chat", json={"message": message, "session_id": sid},
+                                  timeout=120)
+            time.sleep(0.8)  # the call is at the server now
+            victims = replicas(DESTRUCTIVE_APP, "ActionActor")
+            assert victims
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["name"] in victims:
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            first = pending.result()
+    finally:
+        action_server.faults()
+    assert first.status_code in (200, 503), first.text
+    resp = first.json()
+    if first.status_code == 503:  # what a client does with a 503: wait, send the same turn again
+        assert first.headers["retry-after"]
+        wait_running(DESTRUCTIVE_APP, url, timeout_s=180)
+        resp = chat(url, message, sid)
+    (done,) = resp["action"]["executed"]
+    calls = [c for c in action_server.get("/v1/calls", session_id=sid) if c["action"] == "freeze_card"]
+    assert len(calls) == 1, calls
+    assert done["status"] == "done" and done["reference"] == calls[0]["outcome"]["reference"]
 
 
 def test_concurrent_requests_are_batched(app_url: str) -> None:

@@ -132,10 +132,13 @@ def create_app(db_path: str | Path, token: str | None = None) -> FastAPI:
         headers = {REPLAYED_HEADER: "true"} if replayed else None
         return JSONResponse(outcome.model_dump(mode="json"), headers=headers)
 
+    async def one(lookup: Any, key: str, what: str) -> Response:
+        found = await run_in_threadpool(lookup, key)
+        return JSONResponse(found) if found else _error(404, f"no {what} {key!r}")
+
     @app.get("/v1/cards/{session_id}")
     async def card(session_id: str) -> Response:
-        found = await run_in_threadpool(state.card, session_id)
-        return JSONResponse(found) if found else _error(404, f"no card for session {session_id!r}")
+        return await one(state.card, session_id, "card for session")
 
     @app.get("/v1/tickets")
     async def tickets(session_id: str | None = None) -> list[dict[str, Any]]:
@@ -143,8 +146,7 @@ def create_app(db_path: str | Path, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/tickets/{reference}")
     async def ticket(reference: str) -> Response:
-        found = await run_in_threadpool(state.ticket, reference)
-        return JSONResponse(found) if found else _error(404, f"no ticket {reference!r}")
+        return await one(state.ticket, reference, "ticket")
 
     @app.get("/v1/calls")
     async def calls(session_id: str | None = None) -> list[dict[str, Any]]:
