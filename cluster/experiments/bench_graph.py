@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from coact.cluster.experiments.harness import (
+    DRY_RUN_ACTIONS,
     bench_parser,
     drive,
     graph_turn,
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started, tmp = start_ray(4)  # a private local Ray (or the job's cluster under `ray job submit`)
     try:
-        url = deploy({"models": str(models), "responder": {"max_new_tokens": args.max_new_tokens}}, port=args.port)
+        url = deploy({"models": str(models), "responder": {"max_new_tokens": args.max_new_tokens}, **DRY_RUN_ACTIONS},
+                     port=args.port)
 
         async def run_graph(c: int):
             async with httpx.AsyncClient(timeout=600) as client:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from coact.cluster.experiments.harness import (
+    DRY_RUN_ACTIONS,
     bench_parser,
     messages,
     percentile,
@@ -189,8 +190,9 @@ def bench_graph(models: Path, levels: list[int], turns: int, max_new_tokens: int
         urls = {}
         for backend in ("transformers", "vllm"):
             t0 = time.perf_counter()
-            urls[backend] = deploy({"models": str(models), "responder": {"max_new_tokens": max_new_tokens, "backend": backend,
-                                                                   "vllm": {"max_model_len": 1024}}},
+            urls[backend] = deploy({"models": str(models), **DRY_RUN_ACTIONS,
+                                    "responder": {"max_new_tokens": max_new_tokens, "backend": backend,
+                                                  "vllm": {"max_model_len": 1024}}},
                                    port=port, name=f"bench-{backend}", route_prefix=f"/{backend}", timeout_s=900)
             print(f"graph with {backend} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for c in levels:

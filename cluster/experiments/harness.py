@@ -140,6 +140,11 @@ def experiment_main(parse_args: Callable[[list[str] | None], Any],
     return main
 
 
+# The experiments measure serving, not a bank's systems: the action step runs (its replica, the hop, the audit
+# write) as a dry run, so no action server is needed on their clusters (bench_actions measures the real one).
+DRY_RUN_ACTIONS: dict[str, Any] = {"actions": {"dry_run": True}}
+
+
 def serve_config(port: int, args: dict[str, Any]) -> dict[str, Any]:
     """A Serve config of the app (``build_app`` over the repo's models, plus ``args``) at 127.0.0.1:``port``,
     the proxy on the head only: what the cluster experiments deploy through the dashboard."""
@@ -148,7 +153,7 @@ def serve_config(port: int, args: dict[str, Any]) -> dict[str, Any]:
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{"name": runtime.APP_NAME, "route_prefix": "/",
                           "import_path": "coact.graphs.serving.app:build_app",
-                          "args": {"models": str(runtime.REPO_ROOT / "models"), **args}}],
+                          "args": {"models": str(runtime.REPO_ROOT / "models"), **DRY_RUN_ACTIONS, **args}}],
     }
 
 

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from coact.cluster.experiments.harness import start_ray, stop_ray
+from coact.cluster.experiments.harness import DRY_RUN_ACTIONS, start_ray, stop_ray
 from coact.cluster.experiments.machine import facts
 from coact.cluster.experiments.sweep import ServingConfig, deploy_config
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
 
     from coact.cluster.prepare import ensure_models
 
-    base = {"models": str(ensure_models()), "responder": {"max_new_tokens": args.max_new_tokens}}
+    base = {"models": str(ensure_models()), "responder": {"max_new_tokens": args.max_new_tokens}, **DRY_RUN_ACTIONS}
     # Serve's controller must exist before the trials: created from inside a trial it would be placed in the
     # trial's placement group, which Ray refuses. Trials then only connect to it.
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
