@@ -182,3 +182,20 @@ def test_audit_log_survives_its_actor_restarting(template_app_url: str) -> None:
     ray.kill(ray.get_actor(AUDIT_NAME, namespace=STORE_NAMESPACE), no_restart=False)
     after = audit(template_app_url, sid)
     assert [(e["id"], e["call"]) for e in after] == [(e["id"], e["call"]) for e in before]
+
+
+def test_failed_freeze_after_an_earlier_hand_over_says_the_hand_over_stands(template_app_url: str,
+                                                                            action_server) -> None:
+    url = template_app_url
+    first = chat(url, "I want to speak to a real person, this is ridiculous!!")
+    assert [r["action"] for r in first["action"]["executed"]] == ["escalate"]
+    action_server.faults(status=503, actions=["freeze_card"])
+    try:
+        resp = chat(url, AT_RISK, first["session_id"])
+    finally:
+        action_server.faults()
+    assert [(r["action"], r["status"]) for r in resp["action"]["executed"]] == [("freeze_card", "failed")]
+    assert "{" not in resp["reply"] and "couldn't freeze" in resp["reply"], resp["reply"]
+    # Decided again onto the hand-over already open: the customer hears it stands, no second ticket is opened.
+    assert resp["action"]["name"] == "escalate" and "in the queue" in resp["reply"], resp["reply"]
+    assert len(action_server.get("/v1/tickets", session_id=first["session_id"])) == 1

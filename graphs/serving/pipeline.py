@@ -150,7 +150,7 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     if results:
         # The reply follows what happened: each executed action's result, then (if that action could not be
         # done) what the policy chose instead, unless that was the next executed action itself.
-        follow = [] if not executed or executed[-1].action == decision.action else [template]
+        follow = [] if executor_of(pack, decision) is not None else [template]
         template = " ".join([*results, *follow])
     if plan.prefix:
         template = f"{plan.prefix} {template}"
@@ -229,6 +229,9 @@ async def _execute(stages: Stages, pack: DomainPack, session: SessionState, plan
         assert isinstance(decision, DecisionResult)
         trace.append(StageTrace(stage="decision", ms=round(dec_ms, 2),
                                 output=decision.model_dump() | {"after": f"{record.action} {record.status}"}))
+    if executed and decision.action in session.done_actions and executor_of(pack, decision) is not None:
+        # Decided again onto an action done earlier in the conversation (a hand-over already open): say so.
+        results.append(pack.actions[decision.action].done_reply or pack.fallback_reply)
     return decision, executed, results
 
 
