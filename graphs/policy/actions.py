@@ -71,8 +71,22 @@ def action_call(pack: DomainPack, session: SessionState, decision: DecisionResul
         evidence=[EvidenceLine(label=i.label, variable=i.variable, shift=i.shift) for i in decision.explanation],
         posterior=decision.posterior, expected_utility=decision.expected_utility, reason=decision.reason,
         summary=case_summary(pack, session, decision, message, earlier),
-        conversation=[*session.history, HistoryTurn(role="user", text=message)],
+        conversation=_conversation(session, message),
     )
+
+
+def undo_call(session: SessionState, done: str, undo_action: str, message: str) -> ActionCall:
+    """The call that takes back `done` (the customer's "no, don't do that" right after it), keyed like any other."""
+    turn = session.turns + 1
+    return ActionCall(idempotency_key=idempotency_key(session.session_id, turn, undo_action),
+                      session_id=session.session_id, turn=turn, action=undo_action,
+                      reason=f"the customer took back {done}: \"{message}\"",
+                      summary=f"The customer asked to undo {done} right after it was done.",
+                      conversation=_conversation(session, message))
+
+
+def _conversation(session: SessionState, message: str) -> list[HistoryTurn]:
+    return [*session.history, HistoryTurn(role="user", text=message)]
 
 
 def result_text(pack: DomainPack, action: str, outcome: ActionOutcome | ActionRecord, fallback_reference: str) -> str:

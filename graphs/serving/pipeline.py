@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from coact.graphs.policy.actions import action_call, executor_of, idempotency_key, result_text
+from coact.graphs.policy.actions import action_call, executor_of, result_text, undo_call
 from coact.graphs.policy.dialogue import (
     TERMINAL_KINDS,
     TurnPlan,
@@ -182,12 +182,7 @@ async def _undo_turn(stages: Stages, pack: DomainPack, request: ChatRequest, ses
     if stages.execute is None:
         reply = spec.reply.format(reference="not recorded")
     else:
-        turn = session.turns + 1
-        call = ActionCall(idempotency_key=idempotency_key(session.session_id, turn, spec.action),
-                          session_id=session.session_id, turn=turn, action=spec.action,
-                          reason=f"the customer took back {plan.undo}: \"{request.message}\"",
-                          summary=f"The customer asked to undo {plan.undo} right after it was done.",
-                          conversation=[*session.history, HistoryTurn(role="user", text=request.message)])
+        call = undo_call(session, plan.undo, spec.action, request.message)  # type: ignore[arg-type]
         record, ms = await _timed(stages.execute(call))
         assert isinstance(record, ActionRecord)
         executed = [record]
