@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install prepare serve test test-fast lint bench bench-responder
+.PHONY: install prepare serve test test-fast lint bench bench-responder browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The decision page's browser test (tests/test_web_page.py) drives Debian's chromium through its chromedriver;
+# installed only if missing (as root, or through sudo). Nothing downloads a browser at test time.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver present"; \
+	else $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; fi
 
 prepare: install
 	$(VENV)/bin/coact prepare

@@ -8,11 +8,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -125,6 +126,18 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 def _valid_session_id(session_id: str) -> bool:
     # Defined before the ingress class: @serve.ingress serialises the routes when it runs.
     return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
+
+
+# The decision page (docs/web.md): a fixed allow-list of files, so no path from the URL reaches the disk.
+WEB_DIR = Path(__file__).parent / "web"
+WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+def _web_file(name: str) -> Response:
+    if name not in WEB_FILES:
+        return _error(404, f"unknown page file {name!r}: one of {sorted(WEB_FILES)}")
+    return Response((WEB_DIR / name).read_bytes(), media_type=f"{WEB_FILES[name]}; charset=utf-8",
+                    headers={"Cache-Control": "no-cache"})
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,14 @@ class ChatIngress:
         if not 1 <= limit <= MAX_ROWS:
             return _error(422, f"invalid limit: between 1 and {MAX_ROWS}")
         return {"entries": await self.audit.entries.remote(session_id, limit)}
+
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return _web_file("index.html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def page_file(self, name: str):
+        return _web_file(name)
 
     @app.get("/healthz")
     async def healthz(self):
