@@ -22,7 +22,9 @@ Modes:
   cached MiniLM embeddings; one reported "epoch" is ``--frozen-passes`` passes over the embeddings.
 
 Artefacts in ``--output`` (default ``results/train_intent/<timestamp>``): ``model/`` (or ``--model-out``),
-``history.csv`` (per-epoch metrics), ``classification_report_val.txt``, ``train_summary.json`` and
+``history.csv`` (per-epoch metrics), ``tensorboard/`` (event files: loss per step, metrics per epoch, the best
+epoch's; ``--tracking none`` to skip, see ``cluster.jobs.tracking``), ``classification_report_val.txt``,
+``train_summary.json`` and
 ``evaluation/`` (the test report, see ``cluster.jobs.evaluate``). ``--findings`` also retrains the reasoner's
 finding heads (class-balanced logistic heads on MiniLM embeddings, ``actors.models.FindingHeads`` format)
 into ``<output>/findings`` (``--only-findings``: only those).
@@ -49,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from coact.cluster.jobs import common as C
+from coact.cluster.jobs.tracking import TENSORBOARD_DIR, EpochLogger
 from coact.cluster.runtime import quiet_env
 
 JOB = "train_intent"
@@ -318,10 +321,12 @@ def save_linear_head(W: np.ndarray, b: np.ndarray, folder: Path, cfg: TrainConfi
 # ---------------------------------------------------------------- training loops
 
 EpochCallback = Callable[[int, dict[str, float], "Callable[[Path], dict[str, Any]] | None"], None]
+StepCallback = Callable[[int, float, float], None]  # (optimiser step, batch loss, learning rate)
 
 
 def train_full(data: C.IntentData, cfg: TrainConfig, on_epoch: EpochCallback | None = None,
-               progress: bool = True, X: np.ndarray | None = None) -> dict[str, Any]:
+               progress: bool = True, X: np.ndarray | None = None,
+               on_step: StepCallback | None = None) -> dict[str, Any]:
     """Fine-tune MiniLM on ``data``; returns the best network (restored), its val logits and the history.
 
     ``on_epoch(epoch, metrics, save)`` is called after every epoch; ``save`` is a function that writes the
@@ -388,6 +393,8 @@ def train_full(data: C.IntentData, cfg: TrainConfig, on_epoch: EpochCallback | N
             sched.step()
             loss_sum += loss.item() * len(b)
             seen += len(b)
+            if on_step is not None:
+                on_step((epoch - 1) * steps_per_epoch + k + 1, loss.item(), sched.get_last_lr()[0])
             if bar is not None and k % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         train_s = t0()
@@ -436,7 +443,7 @@ def _word_embeddings(net):
 
 
 def train_frozen(data: C.IntentData, cfg: TrainConfig, X: np.ndarray, on_epoch: EpochCallback | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, on_step: StepCallback | None = None) -> dict[str, Any]:
     """A linear head (torch, AdamW, cross-entropy) on fixed embeddings ``X`` aligned with ``data.texts``."""
     import torch
 
@@ -453,7 +460,7 @@ def train_frozen(data: C.IntentData, cfg: TrainConfig, X: np.ndarray, on_epoch: 
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"score": -1.0, "epoch": 0, "W": None, "b": None, "logits": None}
-    bad = 0
+    bad = step = 0
     timer = C.Timer()
     epochs = range(1, cfg.epochs + 1)
     if progress:
@@ -474,6 +481,9 @@ def train_frozen(data: C.IntentData, cfg: TrainConfig, X: np.ndarray, on_epoch: 
                 sched.step()
                 loss_sum += loss.item() * len(b)
                 seen += len(b)
+                step += 1
+                if on_step is not None:
+                    on_step(step, loss.item(), sched.get_last_lr()[0])
         with torch.no_grad():
             logits_va = head(Xva).numpy()
         m = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), **val_metrics(logits_va, y_va, data.num_labels),
@@ -508,23 +518,27 @@ def _summary(cfg: TrainConfig, data: C.IntentData, history: list[dict[str, float
 # ---------------------------------------------------------------- one complete run
 
 def train(data: C.IntentData, cfg: TrainConfig, model_out: Path, X: np.ndarray | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` on ``data`` and write the model folder ``model_out``; returns the run summary."""
+          progress: bool = True, tracker: EpochLogger | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on ``data`` and write the model folder ``model_out``; returns the run summary.
+    ``tracker`` gets the loss per step, the metrics per epoch and the best epoch's (TensorBoard)."""
     cfg.validate()
+    tracker = tracker or EpochLogger(None)
+    hooks = {"on_step": tracker.step, "on_epoch": lambda epoch, m, _save: tracker.epoch(epoch, m)}
     staging = model_out.with_name(f".{model_out.name}.building")
     shutil.rmtree(staging, ignore_errors=True)
     if cfg.mode == "full":
-        res = train_full(data, cfg, progress=progress, X=X)
+        res = train_full(data, cfg, progress=progress, X=X, **hooks)
         temperature = fit_temperature(res["val_logits"], data.y[data.val_idx])
         meta = save_sequence_model(res["net"], res["tokenizer"], staging, cfg, data, temperature,
                                    {"training": _summary(cfg, data, res["history"], res["best_epoch"])})
     else:
         if X is None:
             X = C.intent_embeddings(data, cfg.max_length, log=log)
-        res = train_frozen(data, cfg, X, progress=progress)
+        res = train_frozen(data, cfg, X, progress=progress, **hooks)
         temperature = fit_temperature(res["val_logits"], data.y[data.val_idx])
         meta = save_linear_head(res["W"], res["b"], staging, cfg, data, temperature,
                                 {"training": _summary(cfg, data, res["history"], res["best_epoch"])})
+    tracker.best(res["best_epoch"], res["history"][res["best_epoch"] - 1])
     if model_out.exists():
         shutil.rmtree(model_out)
     model_out.parent.mkdir(parents=True, exist_ok=True)
@@ -580,6 +594,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--findings", action="store_true", help="also retrain the finding heads into <output>/findings")
     p.add_argument("--only-findings", action="store_true", help="retrain only the finding heads (no intent model)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--tracking", choices=("tensorboard", "none"), default="tensorboard",
+                   help=f"TensorBoard event files in <output>/{TENSORBOARD_DIR} (default) or none")
     return p.parse_args(argv)
 
 
@@ -602,7 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     data = C.load_intent_data(args.domain).subset(args.train_per_class, args.val_per_class, seed=args.seed)
     log(f"{cfg.mode} training: {len(data.train_idx)} train / {len(data.val_idx)} validation examples, "
         f"{data.num_labels} labels, {threads} torch threads; config {dataclasses.asdict(cfg)}")
-    res = train(data, cfg, model_out, progress=args.progress)
+    tracker = EpochLogger(out / TENSORBOARD_DIR if args.tracking == "tensorboard" else None)
+    try:
+        res = train(data, cfg, model_out, progress=args.progress, tracker=tracker)
+    finally:
+        tracker.close()
 
     import pandas as pd
     from sklearn.metrics import classification_report
@@ -643,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["total_seconds"] = round(timer(), 1)
     C.write_json(out / "train_summary.json", summary)
     print(f"artefacts: {out}")
-    for name in ("history.csv", "classification_report_val.txt", "train_summary.json"):
+    for name in ("history.csv", "classification_report_val.txt", "train_summary.json", *(
+            [f"{TENSORBOARD_DIR}/"] if args.tracking == "tensorboard" else [])):
         print(f"  {out / name}")
     print(f"  model: {model_out}")
     if args.test:

@@ -18,7 +18,9 @@ the best trial's checkpoint becomes ``best_model/``, and only that model is eval
 Artefacts in ``--output`` (default ``results/tune_intent/<timestamp>``): ``results.csv`` (every trial: config,
 status, epochs, best and last validation metrics), ``learning_curves.csv``/``.json`` (per-trial metric history),
 ``best_config.json``, ``best_model/`` (a folder ``actors.intent_models.load_intent_model`` loads),
-``evaluation/`` (``cluster.jobs.evaluate`` on the best model) and Tune's own folder ``tune/``.
+``evaluation/`` (``cluster.jobs.evaluate`` on the best model) and Tune's own folder ``tune/`` (with one
+TensorBoard event file per trial, ``ray/tune/<metric>`` per epoch: ``tensorboard --logdir <output>/tune``;
+``--tracking mlflow|wandb|none``, see ``cluster.jobs.tracking``).
 
     python -m coact.cluster.jobs.tune_intent --smoke
     python -m coact.cluster.jobs.tune_intent --num-samples 8 --train-per-class 40
@@ -45,6 +47,7 @@ import numpy as np
 
 from coact.cluster.jobs import common as C
 from coact.cluster.jobs import train_intent as T
+from coact.cluster.jobs.tracking import add_tracking_arg, tune_callbacks
 from coact.cluster.runtime import init_ray, quiet_env
 
 JOB = "tune_intent"
@@ -152,6 +155,7 @@ def run_tuning(args: argparse.Namespace, data: C.IntentData, embeddings: dict[in
         ),
         run_config=tune.RunConfig(
             storage_path=str(storage), name="tune", verbose=args.verbose,
+            callbacks=tune_callbacks(args.tracking, storage, JOB),  # TensorBoard files per trial in tune/<trial>/
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="max"),
         ),
@@ -219,6 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the test evaluation of the best model")
     p.add_argument("--verbose", type=int, default=1, help="Tune verbosity 0-3")
     p.add_argument("--smoke", action="store_true", help=f"tiny run: {SMOKE}, 1-2 epochs, max length 16")
+    add_tracking_arg(p)
     args = p.parse_args(argv)
     C.apply_preset(args, SMOKE if args.smoke else DEFAULTS)
     if args.num_samples < 1:

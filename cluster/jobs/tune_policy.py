@@ -48,7 +48,9 @@ Artefacts in ``--output`` (default ``$COACT_RESULTS_DIR`` or ``<repo>/results``,
 ``tune_policy/<timestamp>``): ``results.csv`` (every trial: its weights, its last reported metrics overall
 and per goal kind ``<kind>_*``, its paired differences with the defaults ``*_diff`` / ``*_diff_se``, whether
 it qualifies and why not), ``best_weights.json`` (``{"weights": {...}}``, usable as the
-DecisionActor's ``user_config``), ``comparison.json``, and Tune's own folder ``tune/``.
+DecisionActor's ``user_config``), ``comparison.json``, and Tune's own folder ``tune/`` (one TensorBoard event
+file per trial, ``ray/tune/<metric>`` per chunk: ``tensorboard --logdir <output>/tune``; ``--tracking
+mlflow|wandb|none``, see ``cluster.jobs.tracking``).
 
     python -m coact.cluster.jobs.tune_policy --num-samples 24 --dialogues 600
     python -m coact.cluster.jobs.tune_policy --smoke
@@ -84,6 +86,7 @@ from typing import Any
 import numpy as np
 
 from coact.cluster.jobs import common as C
+from coact.cluster.jobs.tracking import add_tracking_arg, tune_callbacks
 from coact.cluster.runtime import init_ray, quiet_env
 
 TURN_PENALTY = 0.1
@@ -340,7 +343,9 @@ def run_tuning(args: argparse.Namespace, pack: Any, bank_tune: Any, storage: Pat
                                     grace_period=min(2, args.chunks), reduction_factor=3),
             max_concurrent_trials=args.max_concurrent or None,
         ),
-        run_config=tune.RunConfig(storage_path=str(storage), name="tune", verbose=args.verbose),
+        run_config=tune.RunConfig(storage_path=str(storage), name="tune", verbose=args.verbose,
+                                  # TensorBoard files per trial in tune/<trial>/ (and MLflow / W&B on request)
+                                  callbacks=tune_callbacks(args.tracking, storage, "tune_policy")),
     )
     return tuner.fit()
 
@@ -539,6 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="models folder (default: $COACT_MODELS_DIR or <repo>/models, built if missing)")
     p.add_argument("--verbose", type=int, default=1, help="Tune verbosity 0-3")
     p.add_argument("--smoke", action="store_true", help=f"tiny run: {SMOKE}")
+    add_tracking_arg(p)
     args = p.parse_args(argv)
     C.apply_preset(args, SMOKE if args.smoke else DEFAULTS)
     for key in ("num_samples", "dialogues", "chunks", "eval_dialogues"):
