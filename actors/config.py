@@ -135,8 +135,16 @@ class ResponderConfig(StageConfig):
     # One thread per replica: several replicas share the cores, and an oversubscribed torch thread pool was
     # measured 4x slower than a single thread here.
     threads: int = Field(default=1, ge=1, le=64)
-    backend: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="transformers (@serve.batch) or vLLM (continuous batching)")
+    backend: Literal["transformers", "vllm", "scripted"] = Field(
+        default="transformers", description="transformers (@serve.batch) or vLLM (continuous batching); "
+                                            "scripted: an adversarial stand-in that says what the attacker asks")
+    script: str | None = Field(default=None, description="scripted backend: JSONL file or folder of "
+                                                         "{message, output} attacks (actors/scripted_backend.py)")
+    # content_first: the decided content (with its reason) is sent at once and the LM's acknowledgement follows,
+    # sent only whole and after the guard passed it, so nothing shown is ever taken back (docs/streaming-and-openai.md).
+    # opener_first: the LM's opener streams before the content, withdrawn by a `replace` when the guard trips.
+    layout: Literal["content_first", "opener_first"] = Field(
+        default="content_first", description="where the LM's sentence goes and when it is sent")
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     batching: BatchingConfig = _batching(8, 0.02)
     # Load shedding: a full queue answers 503 + Retry-After instead of letting turns time out.

@@ -45,7 +45,7 @@ from coact.graphs.policy.messages import (
 
 # Imported by name when chosen: vLLM is an optional dependency.
 BACKENDS = {"transformers": "coact.actors.generation:TransformersBackend",
-            "vllm": "coact.actors.vllm_backend:VllmBackend"}
+            "vllm": "coact.actors.vllm_backend:VllmBackend", "scripted": "coact.actors.scripted_backend:ScriptedBackend"}
 
 
 def _root(models: str | Path | None) -> Path:
@@ -147,7 +147,7 @@ class ResponderEngine:
         return self.backend.generate([self.prompt(r) for r in requests], self.settings)
 
     def compose(self, request: ResponderRequest, text: str, tokens: int) -> ResponderResult:
-        return compose(request, text, tokens, self.version, self.pack.prompts.reply_prefix)
+        return compose(request, text, tokens, self.version, self.pack.prompts.reply_prefix, self.cfg.layout)
 
     async def respond(self, requests: list[ResponderRequest]) -> list[ResponderResult]:
         """Whole replies: one batch generated off the event loop, or each a collected stream when the
@@ -188,7 +188,8 @@ class ResponderEngine:
                     chunks = stream_raw(deltas, self.version)
                 else:
                     chunks = stream_reply(request, self.backend.stream(prompt, self.settings, max_new_tokens),
-                                          self.version, self.pack.prompts.reply_prefix, self.settings.timeout_s)
+                                          self.version, self.pack.prompts.reply_prefix, self.settings.timeout_s,
+                                          self.cfg.layout)
                 async with aclosing(chunks):  # a caller that leaves closes it, which stops generation
                     async for chunk in chunks:
                         yield chunk

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from coact.actors.guard import OpenerStream, check_opener, check_reply, first_sentence
+from coact.actors.guard import COURTESY, OpenerStream, check_opener, check_reply, first_sentence
 from coact.actors.models import load_lm
 from coact.graphs.policy.domain import DomainPack
 from coact.graphs.policy.messages import ResponderChunk, ResponderRequest, ResponderResult
@@ -37,9 +38,20 @@ class GenerationSettings:
     timeout_s: float = 20.0
 
 
+HISTORY_MESSAGES = 3  # earlier customer messages shown to the LM: what "yes" or "and the limit?" refers to
+
+
+def earlier_messages(req: ResponderRequest) -> list[str]:
+    return [t.text for t in req.history if t.role == "user"][-HISTORY_MESSAGES:]
+
+
 def build_prompt(tokenizer, pack: DomainPack, req: ResponderRequest) -> str:
     kind = req.decision.kind
-    user = pack.prompts.opener.format(message=req.message[:500], action=ACTION_PHRASES.get(kind, "reply"))
+    message = req.message[:500]
+    earlier = earlier_messages(req)
+    if earlier:  # the acknowledgement names the problem, which a short follow-up does not repeat
+        message = " / ".join([*(m[:200] for m in earlier), message])
+    user = pack.prompts.opener.format(message=message, action=ACTION_PHRASES.get(kind, "reply"))
     messages = [{"role": "system", "content": pack.prompts.system}]
     for ex in pack.prompts.examples:
         messages.append({"role": "user", "content": pack.prompts.opener.format(message=ex.customer, action="reply")})
@@ -47,6 +59,28 @@ def build_prompt(tokenizer, pack: DomainPack, req: ResponderRequest) -> str:
     messages.append({"role": "user", "content": user})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return prompt + pack.prompts.reply_prefix
+
+
+def grounding(req: ResponderRequest) -> str:
+    """The words an acknowledgement may use beyond the courtesy vocabulary: the customer's, and the content's."""
+    return " ".join([*earlier_messages(req), req.message, req.template])
+
+
+_WORD = re.compile(r"[a-z']+")
+# Function words that name nothing; with the guard's courtesy words they make a sentence generic.
+_FUNCTION = set("is are was were be been it its my me mine i you your our not no yes just still".split())
+
+
+def names_problem(sentence: str, req: ResponderRequest) -> bool:
+    """An acknowledgement earns its place only by naming what the customer said (a word of theirs that is
+    not courtesy): "I'm here to assist you in any way possible!" names nothing and is not sent."""
+    said = {w for m in [*earlier_messages(req), req.message] for w in _WORD.findall(m.lower())}
+    said -= COURTESY | _FUNCTION
+    return any(w in said for w in _WORD.findall(sentence.lower()))
+
+
+def join_reply(req: ResponderRequest, sentence: str, layout: str) -> str:
+    return f"{req.template} {sentence}" if layout == "content_first" else f"{sentence} {req.template}"
 
 
 @torch.inference_mode()
@@ -72,16 +106,20 @@ def generate_batch(tokenizer, model, prompts: list[str], settings: GenerationSet
     return results
 
 
-def compose(req: ResponderRequest, generated: str, tokens: int, model_version: str, prefix: str = "") -> ResponderResult:
-    """Opener from the model + the decided content verbatim; the guard decides which is sent."""
+def compose(req: ResponderRequest, generated: str, tokens: int, model_version: str, prefix: str = "",
+            layout: str = "content_first") -> ResponderResult:
+    """The LM's sentence + the decided content verbatim (order by `layout`); the guard decides which is sent."""
     template = req.template
     generated = prefix + generated
-    opener = first_sentence(generated)
-    why = check_opener(opener, req.decision, req.forbidden, grounding=f"{req.message} {template}",
-                       confirmed=req.confirmed)
+    sentence = first_sentence(generated)
+    why = check_opener(sentence, req.decision, req.forbidden, grounding=grounding(req), confirmed=req.confirmed)
     if why is None:
-        reply = f"{opener} {template}".strip()
+        reply = join_reply(req, sentence, layout).strip()
         why = check_reply(reply, template, req.decision, req.forbidden)
+        if why is None and not names_problem(sentence, req):
+            why = "generic (names nothing the customer said)"
+        if why is None and req.reason and req.reason not in reply:
+            why = "does not carry the reason"
         if why is None:
             return ResponderResult(reply=reply, source="model", generated=generated, tokens=tokens,
                                    model_version=model_version)
@@ -233,15 +271,20 @@ class TransformersBackend:
 
 
 async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str, prefix: str = "",
-                       timeout_s: float = 20.0) -> AsyncIterator[ResponderChunk]:
+                       timeout_s: float = 20.0, layout: str = "content_first") -> AsyncIterator[ResponderChunk]:
     """Guarded streaming of one reply, for any backend.
 
-    Yields `token` chunks (opener text that passed the guard, then the decided content), a `replace`
-    chunk when the guard rejects the text mid-stream or at the end (its text is the reply to show
-    instead: the template), and last a `result` chunk with the same ResponderResult as a
-    non-streamed call. Leaving early (cancellation) closes `deltas`, which stops generation.
+    content_first: the decided content is sent at once (it is decided, nothing can withdraw it); the LM's
+    sentence follows in one `token` chunk, only once it is whole and the guard passed it. Never a `replace`.
+    opener_first: `token` chunks of opener text that passed the partial check, then the content, and a
+    `replace` chunk (the template) when the guard rejects the text mid-stream or at the end.
+    Last a `result` chunk with the same ResponderResult as a non-streamed call. Leaving early (cancellation)
+    closes `deltas`, which stops generation.
     """
-    guard = OpenerStream(req.decision, req.forbidden, grounding=f"{req.message} {req.template}", prefix=prefix,
+    early = layout == "content_first"
+    if early:
+        yield ResponderChunk(kind="token", text=req.template)
+    guard = OpenerStream(req.decision, req.forbidden, grounding=grounding(req), prefix=prefix,
                          confirmed=req.confirmed)
     generated, tokens, why = "", 0, None
     deadline = time.monotonic() + timeout_s
@@ -255,7 +298,7 @@ async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str
             generated += text
             tokens += n
             out = guard.feed(text)
-            if out:
+            if out and not early:
                 yield ResponderChunk(kind="token", text=out)
     except TimeoutError:
         why = "generation timed out"
@@ -264,15 +307,15 @@ async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str
     if why is None and guard.violation is not None:
         why = f"stopped mid-stream: {guard.violation}"
     if why is None:
-        result = compose(req, generated, tokens, model_version, prefix)
+        result = compose(req, generated, tokens, model_version, prefix, layout)
     else:
         result = ResponderResult(reply=req.template, source="template", guard=why, generated=prefix + generated,
                                  tokens=tokens, model_version=model_version)
-    sent = guard.sent
-    if result.source == "model" and result.reply.startswith(sent):
+    sent = req.template if early else guard.sent
+    if result.reply.startswith(sent):
         if result.reply[len(sent):]:
             yield ResponderChunk(kind="token", text=result.reply[len(sent):])
-    else:  # rejected, or the accepted reply does not extend what was sent (whitespace): send it whole
+    else:  # opener_first only: rejected, or the accepted reply does not extend what was sent: send it whole
         yield ResponderChunk(kind="replace", text=result.reply, guard=result.guard)
     yield ResponderChunk(kind="result", result=result)
 

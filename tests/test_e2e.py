@@ -83,13 +83,13 @@ def test_responder_output_is_guarded(app_url: str) -> None:
     data = chat(app_url, message)
     decision = stage(data, "decision")["output"]
     assert (decision["kind"], decision["target"]) == ("answer", "transfer_into_account"), decision["action"]
-    # What was sent is what the guard allows for what the LM wrote: its opener and the FAQ answer verbatim,
-    # or the FAQ answer alone with the guard's reason.
+    # What was sent is what the guard allows for what the LM wrote: the FAQ answer verbatim and the LM's
+    # acknowledgement after it, or the FAQ answer alone with the guard's reason.
     from coact.graphs.policy.domain import load_pack
 
     faq = load_pack("banking").intent("transfer_into_account").faq
     check_guard_verdict(message, data["reply"], data["trace"])
-    assert data["reply"].endswith(faq)
+    assert data["reply"].startswith(faq)
 
 
 DESTRUCTIVE_APP = "coact-kill"

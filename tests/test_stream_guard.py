@@ -49,7 +49,8 @@ def test_opener_stream_judges_a_word_only_once_complete() -> None:
     assert "adds content" in check_partial_opener("I'm sorry it has not arrzz ", d, [], grounding="my card")
 
 
-def test_stream_reply_replaces_and_stops_generation_on_a_violation() -> None:
+@pytest.mark.parametrize("layout", ["opener_first", "content_first"])
+def test_stream_reply_stops_generation_on_a_violation(layout: str) -> None:
     import asyncio
 
     from coact.actors.generation import stream_reply
@@ -67,15 +68,46 @@ def test_stream_reply_replaces_and_stops_generation_on_a_violation() -> None:
     req = ResponderRequest(message="my card has not arrived", decision=_decision(), template="Cards arrive in days.")
 
     async def collect():
-        return [c async for c in stream_reply(req, deltas(), "v", prefix="I'm")]
+        return [c async for c in stream_reply(req, deltas(), "v", prefix="I'm", layout=layout)]
 
     chunks = asyncio.run(collect())
     kinds = [c.kind for c in chunks]
-    assert kinds[-2:] == ["replace", "result"] and closed == [True]
     result = chunks[-1].result
-    assert result.source == "template" and result.reply == req.template
-    assert result.guard.startswith("stopped mid-stream") and chunks[-2].text == req.template
+    assert closed == [True] and result.source == "template" and result.reply == req.template
+    assert result.guard.startswith("stopped mid-stream")
     assert "refund" not in "".join(c.text for c in chunks if c.kind == "token")
+    if layout == "opener_first":  # opener text was shown, then withdrawn
+        assert kinds[-2:] == ["replace", "result"] and chunks[-2].text == req.template
+    else:  # the decided content went first, and nothing shown is taken back
+        assert kinds == ["token", "result"] and chunks[0].text == req.template
+
+
+def test_content_first_sends_the_content_at_once_and_a_passed_sentence_whole() -> None:
+    import asyncio
+
+    from coact.actors.generation import stream_reply
+    from coact.graphs.policy.messages import ResponderRequest
+
+    seen: list[str] = []
+
+    async def deltas():
+        for piece in [" sorry", " your", " card", " has", " not", " arrived", "."]:
+            seen.append(piece)
+            yield piece, 1
+
+    req = ResponderRequest(message="my card has not arrived", decision=_decision(), template="Cards arrive in days.")
+
+    async def collect():
+        out = []
+        async for c in stream_reply(req, deltas(), "v", prefix="I'm", layout="content_first"):
+            out.append((c, len(seen)))
+        return out
+
+    chunks = asyncio.run(collect())
+    assert chunks[0][0].text == req.template and chunks[0][1] == 0  # before the model produced anything
+    assert [c.kind for c, _ in chunks] == ["token", "token", "result"]
+    assert chunks[1][0].text == " I'm sorry your card has not arrived." and chunks[1][1] == len(seen)
+    assert chunks[-1][0].result.reply == "Cards arrive in days. I'm sorry your card has not arrived."
 
 
 def test_named_events_carry_the_server_time_and_openai_chunks_none() -> None:

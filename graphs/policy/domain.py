@@ -108,6 +108,7 @@ class Variable(_Strict):
 class Question(_Strict):
     variable: str
     text: str
+    why: str | None = Field(default=None, description="why it is asked: the reason clause of the question")
     answers: dict[str, str] = Field(description="act (affirm/deny) -> state of the variable")
     answer_examples: dict[str, list[str]] = Field(
         default_factory=dict, description="state -> answers in words (\"it was declined\"), read by the IntentActor")
@@ -146,6 +147,7 @@ class Confirmation(_Strict):
     """
 
     text: str = Field(min_length=5)
+    why: str | None = Field(default=None, description="why it is asked first: the reason clause of the question")
     variable: str = Field(description="the hidden variable the answer speaks to")
     affirm: dict[str, float] = Field(description="P(the customer agrees | state), per state of `variable`")
 
@@ -234,6 +236,26 @@ class Dialogue(_Strict):
     not_understood: str = Field(description="said before re-asking a pending question the message did not answer")
 
 
+class Reasons(_Strict):
+    """The reason clause every act/ask/escalate/decline reply carries (graphs/policy/reasons.py).
+
+    It is rendered from the decision's explanation: the piece of evidence that moved the decision most towards
+    what was chosen, phrased by what it says about its variable. The LM never writes it.
+    """
+
+    sentence: dict[Literal["action", "escalate", "decline", "ask"], str] = Field(
+        description="the clause per decision kind; {reason} is the evidence phrase")
+    evidence: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="variable -> state the evidence points to -> what the customer told us")
+    goal: str = Field(description="the intent evidence pointed to a goal; {title}")
+    out_of_scope: str = Field(description="the intent evidence pointed out of scope")
+    disambiguation: str = Field(description="why a which-one question is asked")
+    fallback: str = Field(description="no evidence phrase applies (the prior decided)")
+    understood: str = Field(description="an answer at low confidence says what was understood; {title}")
+    low_confidence: float = Field(default=0.6, gt=0, lt=1, description="an answer below this posterior says "
+                                  "what was understood")
+
+
 class PromptExample(_Strict):
     customer: str
     reply: str
@@ -262,6 +284,7 @@ class DomainPack(_Strict):
     actions: dict[str, ActionTemplate]
     utilities: Utilities
     dialogue: Dialogue
+    reasons: Reasons
     prompts: Prompts
 
     @model_validator(mode="after")
@@ -303,6 +326,16 @@ class DomainPack(_Strict):
                                      f"{q.variable} (states: {own})")
                 if not examples:
                     raise ValueError(f"questions.{q.variable}.answer_examples.{state}: no examples")
+        for var, phrases in self.reasons.evidence.items():
+            if var not in variables:
+                raise ValueError(f"reasons.evidence.{var}: no network variable of that name")
+            own = self.states_of(variables[var])
+            bad_states = sorted(set(phrases) - set(own))
+            if bad_states:
+                raise ValueError(f"reasons.evidence.{var}: {bad_states} are not states of {var} (states: {own})")
+        for kind, text in self.reasons.sentence.items():
+            if "{reason}" not in text:
+                raise ValueError(f"reasons.sentence.{kind}: must contain {{reason}}")
         for key, action in self.actions.items():
             confirm = action.confirm
             if confirm is not None:

@@ -124,6 +124,7 @@ class ResponderRequest(_Wire):
     history: list[HistoryTurn] = Field(default_factory=list)
     confirmed: list[str] | None = Field(default=None, description="actions the reply may say happened (the "
                                         "executor confirmed them); None: the decided action")
+    reason: str | None = Field(default=None, description="the reason clause the reply must carry (in the template)")
 
 
 class ResponderResult(_Wire):

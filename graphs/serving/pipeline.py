@@ -37,6 +37,7 @@ from coact.graphs.policy.messages import (
     ResponderResult,
     SessionState,
 )
+from coact.graphs.policy.reasons import reason_for, with_reason
 from coact.graphs.serving.http import ActionOut, ChatRequest, ChatResponse, StageTrace, Trace
 
 HISTORY_TURNS = 6  # what the responder sees; the session keeps more
@@ -152,6 +153,11 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
         # done) what the policy chose instead, unless that was the next executed action itself.
         follow = [] if executor_of(pack, decision) is not None else [template]
         template = " ".join([*results, *follow])
+    reason = reason_for(pack, decision, plan.evidence)
+    template = with_reason(template, reason, decision.kind)
+    if reason is not None:
+        last = next(t for t in reversed(trace) if t.stage == "decision")
+        last.output["reason_clause"] = reason.trace()
     if plan.prefix:
         template = f"{plan.prefix} {template}"
     if decision.kind in TERMINAL_KINDS:
@@ -163,7 +169,8 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
             session.deferred = [g for g in session.deferred if g != later[0]]
     confirmed = _confirmed(pack, decision, executed)
     req = ResponderRequest(message=request.message, decision=decision, template=template, forbidden=forbidden,
-                           history=session.history[-HISTORY_TURNS:], confirmed=confirmed)
+                           history=session.history[-HISTORY_TURNS:], confirmed=confirmed,
+                           reason=None if reason is None else reason.clause)
     return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
                         decision=decision, action=ActionOut(kind=decision.kind, name=decision.action,
                                                             target=decision.target, executed=executed or []),

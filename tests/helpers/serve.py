@@ -87,34 +87,43 @@ def responder_request(message: str = "Where is my new card?", app: str = SHARED_
 def check_guard_verdict(message: str, reply: str, trace: dict) -> str:
     """The reply is the one the guard allows for what the model generated, re-judged here from the trace.
 
-    The model wrote an opener (`generated`, with its token count); the decided content is the domain's
-    template for the decision in the trace. If the guard accepts the opener, the reply must be exactly
-    opener + template with `source: model`; if it rejects it, exactly the template with `source: template`
+    The model wrote a sentence (`generated`, with its token count); the decided content is the domain's
+    template for the decision in the trace, with its reason clause. If the guard accepts the sentence, the
+    reply must be exactly template + sentence with `source: model`; if it rejects it, exactly the template with `source: template`
     and the guard's reason. A reply sent unchecked, a decided content dropped or altered, an accepted opener
     thrown away or a label that does not match what was sent all fail here. Returns the source.
     """
+    from coact.actors.generation import names_problem
     from coact.actors.guard import check_opener, check_reply, first_sentence
     from coact.graphs.policy.dialogue import reply_template
     from coact.graphs.policy.domain import load_pack
-    from coact.graphs.policy.messages import DecisionResult
+    from coact.graphs.policy.messages import DecisionResult, ResponderRequest
+    from coact.graphs.policy.reasons import Reason, with_reason
 
     stages = {s["stage"]: s["output"] for s in trace["stages"]}
     out, decided = stages["responder"], stages["decision"]
     decision = DecisionResult.model_validate({k: decided[k] for k in DecisionResult.model_fields if k in decided})
     template, forbidden = reply_template(load_pack("banking"), decision)
+    clause = decided.get("reason_clause")
+    template = with_reason(template, None if clause is None else Reason(**clause), decision.kind)
     assert out["tokens"] > 0 and out["generated"].strip(), out  # the LM wrote something for the guard to judge
     if (out.get("guard") or "").startswith("stopped mid-stream: "):
         # The streaming guard stopped generation at an offending piece: the decided content alone is sent.
         assert out["source"] == "template" and reply == template, (out, reply)
         return "template"
-    opener = first_sentence(out["generated"])
-    why = check_opener(opener, decision, forbidden, grounding=f"{message} {template}")
+    sentence = first_sentence(out["generated"])
+    why = check_opener(sentence, decision, forbidden, grounding=f"{message} {template}")
+    # The default layout (content_first): the decided content, then the LM's acknowledgement.
+    expected = f"{template} {sentence}".strip()
     if why is None:
-        why = check_reply(f"{opener} {template}".strip(), template, decision, forbidden)
+        why = check_reply(expected, template, decision, forbidden)
+    req = ResponderRequest(message=message, decision=decision, template=template)
+    if why is None and not names_problem(sentence, req):
+        why = "generic (names nothing the customer said)"
     if why is None:
-        assert (out["source"], out["guard"]) == ("model", None), (out, opener)
-        assert reply == f"{opener} {template}".strip(), (reply, opener, template)
+        assert (out["source"], out["guard"]) == ("model", None), (out, sentence)
+        assert reply == expected, (reply, sentence, template)
     else:
-        assert (out["source"], out["guard"]) == ("template", why), (out, opener, why)
+        assert (out["source"], out["guard"]) == ("template", why), (out, sentence, why)
         assert reply == template, (reply, template)
     return out["source"]
