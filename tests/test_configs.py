@@ -127,7 +127,7 @@ def test_gpu_config_is_deliberate() -> None:
     ({"intent": {"batching": {"max_batch_size": 0}}}, "intent.batching.max_batch_size", "greater than or equal"),
     ({"reasoner": {"deployment": {"ray_actor_options": {"num_cpu": 1}}}},
      "reasoner.deployment.ray_actor_options.num_cpu", "Extra inputs"),
-    ({"responder": {"backend": "tgi"}}, "responder.backend", "'transformers' or 'vllm'"),
+    ({"responder": {"backend": "tgi"}}, "responder.backend", "'transformers', 'vllm' or 'scripted'"),
     # Serve's own checks, named by the section: a count beside autoscaling, bounds the wrong way round
     ({"responder": {"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 4}}}}, "responder",
      "deployment: Manually setting num_replicas is not allowed"),
