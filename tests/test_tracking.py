@@ -79,13 +79,13 @@ def test_tune_policy_writes_curves_per_trial(models_dir: Path, tmp_path: Path) -
                              "--eval-dialogues", "20", "--risk-dialogues", "4", "--eval-risk-dialogues", "4",
                              "--max-concurrent", "1", "--output", str(out), "--models-dir", str(models_dir),
                              "--verbose", "0"]) == 0
-    trials = pd.read_csv(out / "results.csv")
+    trials = pd.read_csv(out / "results.csv", dtype={"trial_id": str})  # "873423e5" is not a float
     dirs = event_dirs(out / "tune")
     assert len(dirs) == len(trials) == 2 and all(d.parent == out / "tune" for d in dirs)
     by_id = {}
     for d in dirs:
         scalars = read_scalars(d)
-        progress = pd.read_csv(d / "progress.csv")
+        progress = pd.read_csv(d / "progress.csv", dtype={"trial_id": str})
         by_id[progress["trial_id"].iloc[-1]] = scalars
         # One step per report (chunk), the objective each time as Tune's own progress.csv has it.
         points = scalars[f"ray/tune/{tune_policy.METRIC}"]
