@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.helpers.data import in_ci, require_module
+from tests.helpers.serve import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -116,13 +116,7 @@ def browser() -> Iterator[object]:
 
 
 def _wait(what: str, check, timeout_s: float = TURN_TIMEOUT_S, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    return wait_for(check, timeout_s, what, every_s)
 
 
 def _parse_sse(raw: str) -> list[tuple[str, float | None, dict]]:
