@@ -87,6 +87,22 @@ class IntentEngine:
         emb = self.encoder.embed([r.message for r in requests])
         return understand(requests, emb, classifier, acts, answers, self.pack.out_of_scope_label)
 
+    def explain(self, message: str, target: str | None = None, steps: int = 50) -> dict:
+        """Token attributions for the intent decision (actors/attributions.py; docs/attributions.md), or
+        `{"error", "field"}` for a bad request. The explainer is built on first use and after a hot swap."""
+        from coact.actors.attributions import ExplainError, IntentExplainer
+
+        classifier = self.classifier
+        explainer = getattr(self, "_explainer", None)
+        if explainer is None or explainer.classifier is not classifier:
+            explainer = IntentExplainer(classifier, encoder=self.encoder.model, tokenizer=self.encoder.tokenizer,
+                                        device=self.encoder.device)
+            self._explainer = explainer
+        try:
+            return explainer.explain(message, target, steps)
+        except ExplainError as e:  # returned, not raised: a bad request is not a replica error
+            return {"error": str(e), "field": e.field}
+
 
 class ReasonerEngine:
     """Finding heads and the passage index over one encoder, on a GPU when there is one."""

@@ -24,6 +24,7 @@ class IntentActor:
         cfg = cfg or IntentConfig()
         set_batching(self.classify, cfg.batching)
         self.engine = IntentEngine(cfg, domain, models)
+        self._explaining = asyncio.Lock()
 
     def reconfigure(self, config: dict) -> None:
         self.engine.reconfigure(config)
@@ -35,3 +36,11 @@ class IntentActor:
 
     async def __call__(self, request: IntentRequest) -> IntentResult:
         return await self.classify(request)
+
+    async def explain(self, message: str, target: str | None = None, steps: int = 50) -> dict:
+        # Integrated Gradients costs `steps` forward and backward passes (seconds on a CPU), taken from the
+        # turns this replica classifies: one explanation at a time, the others are told to retry.
+        if self._explaining.locked():
+            return {"busy": True}
+        async with self._explaining:
+            return await asyncio.to_thread(self.engine.explain, message, target, steps)

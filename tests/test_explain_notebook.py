@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from tests.helpers import REPO
 from tests.helpers.notebooks import run_notebook
 
 pytestmark = pytest.mark.serve
@@ -30,13 +29,12 @@ def test_explain_notebook_executes(app_url: str, monkeypatch: pytest.MonkeyPatch
     assert "turn 1: ask:q_someone_else" in tables and "turn 2: freeze_card" in tables
     assert "answer: q_someone_else=yes" in tables and "choice_without" in tables
 
-    # Token attributions: coloured tokens and a bar chart when the app serves /v1/explain, the notice otherwise.
+    # Token attributions: coloured tokens, words with their sums, and a bar chart per message.
     attributions = run.text('r = httpx.post(f"{url}/v1/explain"')
     html = "".join(str(o.get("data", {}).get("text/html", "")) for o in run.cell('r = httpx.post(f"{url}/v1/explain"'))
-    if '"/v1/explain"' in (REPO / "graphs" / "serving" / "ingress.py").read_text():
-        assert len(re.findall(r"^'.+': target \w+, delta [+-]\d", attributions, re.M)) == 2, attributions
-        assert html.count("<span style=") >= 4 and "rgba(" in html
-        assert len(run.images('ax.set_title(f"attributions towards')) == 1
-    else:
-        assert attributions.startswith("attributions unavailable"), attributions
-        assert not html and not run.images('ax.set_title(f"attributions towards')
+    assert len(re.findall(r"[\"'].+[\"']: target \w+, delta [+-]\d", attributions, re.M)) == 2, attributions
+    for total, logit, baseline in re.findall(r"attributions sum (\S+) = logit (\S+) - baseline (\S+)\)", attributions):
+        assert abs(float(total) - (float(logit) - float(baseline))) < 0.01, attributions
+    assert re.search(r"words: .*stole", attributions), attributions
+    assert html.count("<span style=") >= 4 and "rgba(" in html
+    assert len(run.images('ax.set_title(f"attributions towards')) == 1

@@ -34,6 +34,28 @@ class ChatRequest(_Wire):
     stream: bool = Field(default=False, description="answer with server-sent events (decision, tokens, done)")
 
 
+class ExplainRequest(_Wire):
+    message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    target: str | None = Field(default=None, description="intent label to explain (default: the top intent)")
+    steps: int = Field(default=50, ge=8, le=256, description="Integrated Gradients steps")
+
+
+class ExplainResponse(_Wire):
+    """Token attributions of the target intent's raw logit (docs/attributions.md): they sum to
+    target_logit - baseline_logit up to delta."""
+
+    model: str
+    target: str
+    probability: float
+    tokens: list[str]
+    attributions: list[float]
+    words: list[str] = Field(default_factory=list)
+    word_attributions: list[float] = Field(default_factory=list)
+    delta: float
+    target_logit: float
+    baseline_logit: float
+
+
 class StageTrace(_Wire):
     stage: StageName
     ms: float

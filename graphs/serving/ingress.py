@@ -28,6 +28,8 @@ from coact.graphs.serving.http import (
     SESSION_ID_PATTERN,
     ChatRequest,
     ChatResponse,
+    ExplainRequest,
+    ExplainResponse,
     OpenAIChatCompletion,
     OpenAIChatRequest,
     OpenAIModelList,
@@ -194,6 +196,7 @@ class ChatIngress:
         self.ttl_s = session_ttl_s
         self.turn_timeout_s = turn_timeout_s
         self.responder = responder
+        self.intent = intent
         self.created = int(time.time())
         self.stages = Stages(
             intent=_retrying(intent),
@@ -262,6 +265,24 @@ class ChatIngress:
             return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
         resp = await self._mapped(run_turn(self.stages, self.pack, body), body)
         return resp.response() if isinstance(resp, TurnFailure) else resp
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses={400: {}, 413: {}, 422: {}, 503: {}})
+    async def explain(self, body: ExplainRequest):
+        """Token attributions (Integrated Gradients) for the intent model's decision on a message."""
+        try:
+            out = await asyncio.wait_for(self.intent.explain.remote(body.message, body.target, body.steps),
+                                         self.turn_timeout_s)
+        except BackPressureError as e:
+            return _overloaded("the intent stage's request queue is full",
+                               getattr(e, "retry_after_s", None)).response()
+        except (TimeoutError, *_REPLICA_GONE):
+            return _overloaded("the explanation did not finish").response()
+        if out.get("busy"):
+            return _overloaded("the intent replica is computing another explanation", 5.0).response()
+        if "error" in out:
+            return _error(422, f"invalid request: {out['field']}: {out['error']}",
+                          [{"field": out["field"], "problem": out["error"], "type": "value_error"}])
+        return ExplainResponse(**out)
 
     # --- OpenAI-compatible API -----------------------------------------------------------------
 
