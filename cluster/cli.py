@@ -50,12 +50,27 @@ def _serve(args: argparse.Namespace) -> int:
     if args.models:
         app_args["models"] = args.models
     app_args.setdefault("actions", {}).setdefault("audit_log", str(Path("var/audit.sqlite").resolve()))
+    if args.keys_file:
+        app_args.setdefault("ingress", {}).setdefault("auth", {})["keys_file"] = str(Path(args.keys_file).resolve())
     cfg = AppConfig.model_validate(app_args)  # a bad file fails here, naming the field, before Ray starts
+    from coact.graphs.serving.auth import KeyFileError, is_loopback, load_keys
+
+    try:
+        keys = load_keys(cfg.ingress.auth.keys_file)
+    except KeyFileError as e:
+        print(f"coact serve: {e}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not keys:
+        print(f"coact serve: refusing to listen on {args.host} without API keys: anyone who can reach it could "
+              "read and delete every session. Make one with `coact keys new NAME --file keys.txt` and pass "
+              "--keys-file keys.txt (or set $COACT_API_KEYS).", file=sys.stderr)
+        return 2
     action_server = _start_action_server(cfg) if not args.no_action_server else None
     try:
         init_ray(args.address or "local")  # a private Ray unless told to attach
-        url = deploy(app_args, port=args.port)
-        print(f"coact is serving at {url}  (OpenAPI: {url}/docs). Ctrl-C to stop.", flush=True)
+        url = deploy(app_args, port=args.port, host=args.host)
+        access = (f"API keys: {len(keys)}" if keys else "no API keys: loopback clients only")
+        print(f"coact is serving at {url}  (OpenAPI: {url}/docs; {access}). Ctrl-C to stop.", flush=True)
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         try:
@@ -88,12 +103,48 @@ def _start_action_server(cfg):
     return server
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    """A new API key: the key is printed once; only its hash goes into the keys file."""
+    from coact.graphs.serving.auth import KeyFileError, hash_key, load_keys, new_key
+
+    path = Path(args.file)
+    if path.exists():
+        try:
+            existing = load_keys(str(path), environ={})
+        except KeyFileError as e:
+            print(f"coact keys new: {e}", file=sys.stderr)
+            return 2
+        if any(k.name == args.name for k in existing):
+            print(f"coact keys new: {path} already has a key named {args.name!r}", file=sys.stderr)
+            return 2
+    key = new_key()
+    limits = "".join(f" {name}={value}" for name, value in (("rate_per_s", args.rate_per_s), ("burst", args.burst),
+                                                             ("max_sessions", args.max_sessions)) if value)
+    line = f"{args.name} {hash_key(key)}{limits}\n"
+    try:
+        load_keys(None, environ={"COACT_API_KEYS": line})  # the name and limits are checked before writing
+    except KeyFileError as e:
+        print(f"coact keys new: {str(e).replace('$COACT_API_KEYS:1: ', '')}", file=sys.stderr)
+        return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line)
+    path.chmod(0o600)
+    print(key)
+    print(f"(its hash is in {path}; the key itself is not stored anywhere: keep it now)", file=sys.stderr)
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
+    import os
+
     import httpx
 
     session = args.session
+    key = args.api_key or os.environ.get("COACT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     print(f"Talking to {args.url}. Empty line or Ctrl-D to quit.")
-    with httpx.Client(base_url=args.url, timeout=120.0) as client:
+    with httpx.Client(base_url=args.url, timeout=120.0, headers=headers) as client:
         while True:
             try:
                 message = input("you> ").strip()
@@ -146,12 +197,25 @@ def main(argv: list[str] | None = None) -> int:
                         "batched greedy decoding starts in seconds, where vLLM's engine takes a minute to warm up)")
     p.add_argument("--no-action-server", action="store_true",
                    help="do not start the reference action server (actions.webhooks names your own)")
+    p.add_argument("--host", default="127.0.0.1", help="where the HTTP proxy listens; beyond loopback only with keys")
+    p.add_argument("--keys-file", help="API keys file (`coact keys new`); also $COACT_API_KEYS")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("keys", help="API keys")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    k = keys_sub.add_parser("new", help="make a key: prints it once, appends its hash to the keys file")
+    k.add_argument("name")
+    k.add_argument("--file", default="keys.txt")
+    k.add_argument("--rate-per-s", type=float, help="this key's rate (default: the config's ingress.auth)")
+    k.add_argument("--burst", type=int)
+    k.add_argument("--max-sessions", type=int)
+    k.set_defaults(func=_keys_new)
 
     p = sub.add_parser("chat", help="terminal client for a running app")
     p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--session")
     p.add_argument("--trace", action="store_true", help="print each stage's milliseconds")
+    p.add_argument("--api-key", help="bearer key (default: $COACT_API_KEY)")
     p.set_defaults(func=_chat)
 
     # Its options belong to the job (cluster/jobs/test_dialogues.py): everything after the name goes there.

@@ -162,13 +162,14 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> dict:
 
 
 def deploy(args: dict | None = None, port: int = DEFAULT_PORT, timeout_s: float = 600.0, name: str = APP_NAME,
-           route_prefix: str = "/") -> str:
-    """Deploy the app on the connected cluster; returns its base URL once /healthz answers."""
+           route_prefix: str = "/", host: str = "127.0.0.1") -> str:
+    """Deploy the app on the connected cluster; returns its base URL once /healthz answers. `host` is where
+    Serve's proxy listens: beyond loopback only with API keys (the ingress refuses other clients without)."""
     from ray import serve
 
     from coact.graphs.serving.app import build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args or {}), name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     wait_healthy(url, timeout_s)
