@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install prepare serve test test-fast lint bench bench-responder browser
+.PHONY: install prepare serve test test-fast lint bench bench-responder browser services
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver present"; \
 	else $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; fi
+
+# The sessions' Redis backend (docs/sessions.md): its tests start Debian's redis-server on a free port of their own;
+# installed only if missing (as root, or through sudo). Nothing else is started here.
+services:
+	@if [ -x /usr/bin/redis-server ]; then echo "redis-server present"; \
+	else $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; fi
 
 prepare: install
 	$(VENV)/bin/coact prepare

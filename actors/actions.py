@@ -22,6 +22,11 @@ class ActionActor:
         self.engine = ActionExecutor(cfg, domain)
         self.audit = get_or_create_audit(cfg.audit_log)
 
+    async def ready(self) -> dict:
+        """Readiness (GET /readyz): the executor is built (no model to warm; the action server is not probed:
+        a turn whose action fails is answered, not refused)."""
+        return {"ready": True, "detail": {"executors": len(self.engine.executors), "dry_run": self.engine.cfg.dry_run}}
+
     async def __call__(self, call: ActionCall) -> ActionRecord:
         record = await self.engine.execute(call)
         await self.audit.append.remote(call.model_dump(mode="json"), record.model_dump(mode="json"))

@@ -89,7 +89,23 @@ class StageConfig(_Section):
 
 
 class SessionsConfig(_Section):
+    """Where sessions live (docs/sessions.md): the embedded head-node actor, or Redis (survives a Ray restart)."""
+
     ttl_s: float = Field(default=1800.0, gt=0, description="a session unused this long is dropped")
+    backend: Literal["embedded", "redis"] = Field(default="embedded", description="embedded: the head-node "
+                                                  "actor with its journal; redis: a Redis server at redis_url")
+    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://\S+$",
+                                  description="e.g. redis://127.0.0.1:6379/0 (backend redis)")
+    redis_prefix: str = Field(default="coact:session:", min_length=1, max_length=64, pattern=r"^\S+$",
+                              description="key prefix of the sessions in Redis")
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="per store call; past it the request "
+                                                                   "answers 503 + Retry-After")
+
+    @model_validator(mode="after")
+    def _redis_needs_a_url(self) -> SessionsConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("sessions.backend 'redis' needs sessions.redis_url (e.g. redis://127.0.0.1:6379/0)")
+        return self
 
 
 class IntentConfig(StageConfig):

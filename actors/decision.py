@@ -28,3 +28,7 @@ class DecisionActor:
 
     async def __call__(self, request: DecisionRequest) -> DecisionResult:
         return self.policy.decide(request.evidence)
+
+    async def ready(self) -> dict:
+        """Readiness (GET /readyz): the network built and its elimination plans cached in the constructor."""
+        return {"ready": True, "detail": {"domain": f"{self.policy.pack.name}@{self.policy.pack.version}"}}

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -67,7 +69,9 @@ class IntentEngine:
         self.encoder = TextEncoder(quantize=cfg.quantize, max_length=64)
         self.acts = ActClassifier(root / "acts")
         self.answers = AnswerReader.from_pack(self.pack, self.encoder.embed, **self.acts.answer_reader)
+        t0 = time.perf_counter()
         self.classify([IntentRequest(message="warm-up")])  # first inference pays torch's lazy set-up
+        self.warm_up_ms = round((time.perf_counter() - t0) * 1000, 1)
 
     def reconfigure(self, config: dict | None) -> None:
         """`{"intent_model": folder}` and / or `{"acts_model": folder}`: swap the model in place."""
@@ -117,7 +121,9 @@ class ReasonerEngine:
         self.passages = PassageIndex(root / "passages")
         self.encoder = TextEncoder(device=self.device, quantize=cfg.quantize)
         self.top_k = cfg.top_k
+        t0 = time.perf_counter()
         self.reason(["warm-up"])  # first inference pays torch's lazy set-up; not the first user
+        self.warm_up_ms = round((time.perf_counter() - t0) * 1000, 1)
 
     def reconfigure(self, config: dict | None) -> None:
         """Retrained finding heads / a rebuilt passage index / another top_k, without a redeploy."""
@@ -154,16 +160,71 @@ class ResponderEngine:
         self.backend = load_backend(self.cfg, lm)
         self.version = lm_version(lm) + self.backend.version_suffix
         self.stats = ResponderStats(backend=self.cfg.backend)
+        self._warm: asyncio.Future | None = None  # the warm-up generation (start_warm_up), for readiness()
+
+    async def warm_up(self) -> float:
+        """One short generation through the backend, as a turn makes it (vLLM: the engine's first request;
+        transformers: torch's lazy set-up), so that the first user does not pay for it; its milliseconds."""
+        t0 = time.perf_counter()
+        prompt = self.backend.tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], tokenize=False,
+                                                            add_generation_prompt=True)
+        async with aclosing(self.backend.stream(prompt, self.settings, 1, stop=False, min_new_tokens=1)) as deltas:
+            async for _ in deltas:
+                pass
+        return round((time.perf_counter() - t0) * 1000, 1)
+
+    def _warm_failed(self) -> BaseException | None:
+        warm = self._warm
+        if warm is None or not warm.done():
+            return None
+        return asyncio.CancelledError("warm-up cancelled") if warm.cancelled() else warm.exception()
+
+    def start_warm_up(self) -> None:
+        """Start the warm-up on the running event loop (once; again after it failed). Without generation
+        there is nothing to warm: the templates need no model."""
+        if self.cfg.generate and (self._warm is None or self._warm_failed() is not None):
+            self._warm = asyncio.ensure_future(self.warm_up())
+
+    def readiness(self) -> dict:
+        """`{"ready", "detail"}`: loaded (the constructor returned) and the warm-up generation done."""
+        detail = {"backend": self.cfg.backend, "model": self.version, "generate": self.cfg.generate}
+        if not self.cfg.generate:
+            return {"ready": True, "detail": detail}
+        failed = self._warm_failed()
+        if self._warm is None or failed is not None:
+            self.start_warm_up()  # not started (no loop at construction) or failed: (re)try, report not ready
+            why = "warm-up started" if failed is None else f"warm-up failed, retrying: {failed!r}"[:300]
+            return {"ready": False, "detail": {**detail, "warm_up": why}}
+        if not self._warm.done():
+            return {"ready": False, "detail": {**detail, "warm_up": "running"}}
+        return {"ready": True, "detail": {**detail, "warm_up_ms": self._warm.result()}}
 
     def prompt(self, request: ResponderRequest) -> str:
         return build_prompt(self.backend.tokenizer, self.pack, request)
 
+    def cap(self, request: ResponderRequest) -> int:
+        """Tokens this request may generate: the config's cap, lowered by the caller's (OpenAI max_tokens)."""
+        return min(self.settings.max_new_tokens, request.max_new_tokens or self.settings.max_new_tokens)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.backend.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
     def generate(self, requests: list[ResponderRequest]) -> list[tuple[str, int]]:
-        """The model's raw text and token count per request, one batch, blocking (a batched backend)."""
-        return self.backend.generate([self.prompt(r) for r in requests], self.settings)
+        """The model's raw text and token count per request, blocking (a batched backend): one batch per
+        distinct token cap (almost always one), each decoded greedily as if alone."""
+        prompts = [self.prompt(r) for r in requests]
+        outs: list[tuple[str, int] | None] = [None] * len(requests)
+        for cap in sorted({self.cap(r) for r in requests}):
+            idx = [i for i, r in enumerate(requests) if self.cap(r) == cap]
+            settings = replace(self.settings, max_new_tokens=cap)
+            for i, out in zip(idx, self.backend.generate([prompts[i] for i in idx], settings), strict=True):
+                outs[i] = out
+        return outs  # type: ignore[return-value]
 
     def compose(self, request: ResponderRequest, text: str, tokens: int) -> ResponderResult:
-        return compose(request, text, tokens, self.version, self.pack.prompts.reply_prefix, self.cfg.layout)
+        result = compose(request, text, tokens, self.version, self.pack.prompts.reply_prefix, self.cfg.layout)
+        result.prompt_tokens = self.prompt_tokens(self.prompt(request))
+        return result
 
     async def respond(self, requests: list[ResponderRequest]) -> list[ResponderResult]:
         """Whole replies: one batch generated off the event loop, or each a collected stream when the
@@ -193,7 +254,7 @@ class ResponderEngine:
         self.stats.streams_active += 1
         try:
             if not self.cfg.generate:
-                yield ResponderChunk(kind="token", text=request.template)
+                yield ResponderChunk(kind="token", text=request.template, final=True)
                 yield ResponderChunk(kind="result", result=template_result(request, "generation disabled",
                                                                             self.version))
             else:
@@ -203,11 +264,15 @@ class ResponderEngine:
                     deltas = self.backend.stream(prompt, self.settings, n, stop=False, min_new_tokens=n)
                     chunks = stream_raw(deltas, self.version)
                 else:
-                    chunks = stream_reply(request, self.backend.stream(prompt, self.settings, max_new_tokens),
+                    cap = min(max_new_tokens or self.cap(request), self.cap(request))
+                    chunks = stream_reply(request, self.backend.stream(prompt, self.settings, cap),
                                           self.version, self.pack.prompts.reply_prefix, self.settings.timeout_s,
                                           self.cfg.layout)
+                n_prompt = self.prompt_tokens(prompt)
                 async with aclosing(chunks):  # a caller that leaves closes it, which stops generation
                     async for chunk in chunks:
+                        if chunk.result is not None:
+                            chunk.result.prompt_tokens = n_prompt
                         yield chunk
             self.stats.streams_finished += 1
         except (asyncio.CancelledError, GeneratorExit):

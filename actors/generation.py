@@ -283,7 +283,7 @@ async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str
     """
     early = layout == "content_first"
     if early:
-        yield ResponderChunk(kind="token", text=req.template)
+        yield ResponderChunk(kind="token", text=req.template, final=True)
     guard = OpenerStream(req.decision, req.forbidden, grounding=grounding(req), prefix=prefix,
                          confirmed=req.confirmed)
     generated, tokens, why = "", 0, None
@@ -313,8 +313,8 @@ async def stream_reply(req: ResponderRequest, deltas: Deltas, model_version: str
                                  tokens=tokens, model_version=model_version)
     sent = req.template if early else guard.sent
     if result.reply.startswith(sent):
-        if result.reply[len(sent):]:
-            yield ResponderChunk(kind="token", text=result.reply[len(sent):])
+        if result.reply[len(sent):]:  # the guard passed it: final (opener_first: what came before is too)
+            yield ResponderChunk(kind="token", text=result.reply[len(sent):], final=True)
     else:  # opener_first only: rejected, or the accepted reply does not extend what was sent: send it whole
         yield ResponderChunk(kind="replace", text=result.reply, guard=result.guard)
     yield ResponderChunk(kind="result", result=result)

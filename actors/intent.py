@@ -37,6 +37,10 @@ class IntentActor:
     async def __call__(self, request: IntentRequest) -> IntentResult:
         return await self.classify(request)
 
+    async def ready(self) -> dict:
+        """Readiness (GET /readyz): the models loaded and warmed by a classification in the constructor."""
+        return {"ready": True, "detail": {"model": self.engine.model_path, "warm_up_ms": self.engine.warm_up_ms}}
+
     async def explain(self, message: str, target: str | None = None, steps: int = 50) -> dict:
         # Integrated Gradients costs `steps` forward and backward passes (seconds on a CPU), taken from the
         # turns this replica classifies: one explanation at a time, the others are told to retry.

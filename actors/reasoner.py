@@ -33,3 +33,8 @@ class ReasonerActor:
 
     async def __call__(self, message: str) -> ReasonerResult:
         return await self.reason(message)
+
+    async def ready(self) -> dict:
+        """Readiness (GET /readyz): heads, index and encoder loaded and warmed in the constructor."""
+        return {"ready": True, "detail": {"findings": self.engine.findings_path, "device": self.engine.device,
+                                          "warm_up_ms": self.engine.warm_up_ms}}

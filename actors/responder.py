@@ -7,6 +7,7 @@ AsyncLLM engine per replica batching continuously, so whole replies skip @serve.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -24,6 +25,12 @@ class ResponderActor:
         cfg = cfg or ResponderConfig()
         set_batching(self.respond, cfg.batching)
         self.engine = ResponderEngine(cfg, domain, models)
+        try:
+            asyncio.get_running_loop()  # Serve runs the constructor on the replica's event loop
+        except RuntimeError:
+            pass  # constructed elsewhere: the first ready() starts the warm-up
+        else:
+            self.engine.start_warm_up()  # one short generation in the background; ready() reports it
 
     @serve.batch
     async def respond(self, requests: list[ResponderRequest]) -> list[ResponderResult]:
@@ -40,6 +47,10 @@ class ResponderActor:
         async with aclosing(self.engine.stream(request, raw, max_new_tokens)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def ready(self) -> dict:
+        """Readiness (GET /readyz): the LM loaded and its warm-up generation done (templates only: loaded)."""
+        return self.engine.readiness()
 
     async def get_stats(self) -> ResponderStats:
         return self.engine.get_stats()

@@ -55,6 +55,46 @@ OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORM
 # 127.0.0.1 in every process of the cluster (head, autoscaler, fake nodes, workers): one machine, loopback only.
 # Its only other effect is refusing `ray start --address` worker joins, which none of our clusters makes.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Without it, a local `ray.init(_node_ip_address="127.0.0.1")` still listens beyond loopback (Ray 2.60, seen with
+# psutil): GCS, raylet (node manager, object manager) and every core worker's gRPC server on `::`, the dashboard
+# agent's HTTP server (52365) on loopback *and* eth0, its metrics export and gRPC ports on 0.0.0.0 / `::`, the
+# runtime-env agent on eth0, the autoscaler's (44217) and dashboard's (44227) metrics on 0.0.0.0. With it every one
+# of them binds 127.0.0.1 (the C++ servers as `::ffff:127.0.0.1`) with no flag of its own; Serve replicas are the
+# exception (below). docs/operations.md has the table; tests/test_loopback.py checks every listening socket.
+
+
+# One port no setting moves: Serve 2.60 binds every replica's inter-deployment gRPC server on "[::]:0" (a literal in
+# ray/serve/_private/replica.py, through ray._common.tls_utils.add_port_to_grpc_server). The local cluster's
+# workers run this hook first (runtime_env worker_process_setup_hook), so that bind goes to 127.0.0.1.
+LOOPBACK_WORKER_HOOK = "coact.cluster.runtime.loopback_worker_setup"
+
+
+def use_loopback() -> None:
+    """Make the Ray this process starts (and every process of it) listen on 127.0.0.1 only: ``LOOPBACK_ENV`` in
+    the environment its processes inherit, and in this process's ``ray_constants``, read when ray was imported.
+    A local ``ray.init`` also needs ``LOOPBACK_WORKER_HOOK`` in its runtime_env (``init_ray`` adds it)."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def loopback_worker_setup() -> None:
+    """A worker's setup hook: gRPC servers asked for every interface ("[::]:port") bind 127.0.0.1 instead.
+    Patched before Serve's replica module imports the function (the hook runs before any task of the worker)."""
+    from ray._common import tls_utils
+
+    original = tls_utils.add_port_to_grpc_server
+    if getattr(original, "loopback_only", False):
+        return
+
+    def add_port_to_grpc_server(server, address: str):
+        if address.startswith(("[::]:", "0.0.0.0:")):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    add_port_to_grpc_server.loopback_only = True
+    tls_utils.add_port_to_grpc_server = add_port_to_grpc_server
 
 
 def quiet_env() -> None:
@@ -82,8 +122,9 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
     - already initialised (a test fixture, a notebook): reuse it, return False, leave it running;
     - ``address`` given (other than ``"local"``): attach to it;
     - ``address=None`` inside ``ray job submit`` (``RAY_ADDRESS``/``RAY_JOB_ID`` set): attach to the job's cluster;
-    - otherwise (``"local"`` always) a fresh private Ray bound to 127.0.0.1 without dashboard: never some other
-      cluster started on this machine with ``ray start`` (which a plain ``ray.init()`` would join).
+    - otherwise (``"local"`` always) a fresh private Ray without dashboard, every port of it on 127.0.0.1 only
+      (``use_loopback``): never some other cluster started on this machine with ``ray start`` (which a plain
+      ``ray.init()`` would join).
     ``init_kwargs`` (``_temp_dir``, ``_system_config``, ``log_to_driver``…) go to ``ray.init``.
     """
     import ray
@@ -96,8 +137,11 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
     elif address is None and inside_ray_job():
         ray.init(namespace=NAMESPACE, **init_kwargs)
     else:
+        use_loopback()  # else Ray rewrites 127.0.0.1 to the eth0 address and binds beyond loopback
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", LOOPBACK_WORKER_HOOK)
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=num_gpus,
-                 include_dashboard=False, namespace=NAMESPACE, **init_kwargs)
+                 include_dashboard=False, namespace=NAMESPACE, runtime_env=runtime_env, **init_kwargs)
     return True
 
 

@@ -215,3 +215,23 @@ def ray_head() -> Iterator[object]:
     import psutil
 
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+# ---------------------------------------------------------------- a real Redis (the sessions' redis backend)
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A `redis-server` of the session's own (free port, own folder, append-only file), stopped by PID at the end.
+    A test may kill it and start it again (same port and folder); it must leave it running. Missing binary: a
+    failure in CI (`make services` installs it), a skip elsewhere."""
+    from tests.helpers.redis import RedisServer, redis_server_binary
+
+    binary = redis_server_binary()
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed: `make services` installs it")
+        pytest.skip("redis-server is not installed (`make services`)")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -279,7 +279,7 @@ def test_session_table_ttl() -> None:
     table = SessionTable(ttl_s=10, clock=lambda: now[0])
     table.put("a", {"x": 1})
     now[0] = 5
-    assert table.get("a") == {"x": 1}
+    assert table.get("a") == (1, {"x": 1})
     now[0] = 16
     assert table.get("a") is None and len(table) == 0
     table.put("b", {})

@@ -44,7 +44,7 @@ def in_process_turn(models: Path, max_new_tokens: int):
     reasoner = ReasonerEngine(models=models)
     decision = Policy(load_pack("banking"))
     responder = ResponderEngine(ResponderConfig(max_new_tokens=max_new_tokens), models=models)
-    store: dict[str, dict] = {}
+    store: dict[str, tuple[int, dict]] = {}
 
     async def respond(req):
         (text, n), = responder.generate([req])
@@ -62,8 +62,9 @@ def in_process_turn(models: Path, max_new_tokens: int):
     async def load(sid):
         return store.get(sid)
 
-    async def save(sid, state):
-        store[sid] = state
+    async def save(sid, state, version):
+        store[sid] = (version + 1, state)
+        return version + 1
 
     stages = Stages(intent=intent_one, reason=reason_one, decide=decide, respond=respond, load=load, save=save)
     pack = load_pack("banking")

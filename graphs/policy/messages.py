@@ -125,6 +125,8 @@ class ResponderRequest(_Wire):
     confirmed: list[str] | None = Field(default=None, description="actions the reply may say happened (the "
                                         "executor confirmed them); None: the decided action")
     reason: str | None = Field(default=None, description="the reason clause the reply must carry (in the template)")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="the caller's cap on generated tokens "
+                                       "(OpenAI max_tokens); the Responder's own cap still applies")
 
 
 class ResponderResult(_Wire):
@@ -133,6 +135,7 @@ class ResponderResult(_Wire):
     guard: str | None = Field(default=None, description="why the model text was rejected, if it was")
     generated: str = ""
     tokens: int = 0
+    prompt_tokens: int = Field(default=0, description="tokens of the prompt the LM read (0: nothing generated)")
     model_version: str
 
 
@@ -141,6 +144,7 @@ class ResponderChunk(_Wire):
 
     kind: Literal["token", "replace", "result"]
     text: str = ""
+    final: bool = Field(default=False, description="token text nothing can withdraw (decided, or guard-passed)")
     guard: str | None = None
     result: ResponderResult | None = None
 

@@ -32,5 +32,6 @@ def build_app(args: dict | None = None) -> Application:
     actions = (ActionActor.options(**cfg.actions.deployment.serve_options()).bind(cfg.actions, cfg.domain)
                if cfg.actions.enabled else None)
     return ChatIngress.options(**cfg.ingress.deployment.serve_options()).bind(
-        intent, reasoner, decision, responder, actions, domain=cfg.domain, session_ttl_s=cfg.sessions.ttl_s,
-        turn_timeout_s=cfg.ingress.turn_timeout_s, audit_log=cfg.actions.audit_log)
+        intent, reasoner, decision, responder, actions, domain=cfg.domain, sessions=cfg.sessions,
+        turn_timeout_s=cfg.ingress.turn_timeout_s, audit_log=cfg.actions.audit_log,
+        auth=cfg.ingress.auth)

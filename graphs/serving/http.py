@@ -32,6 +32,8 @@ class ChatRequest(_Wire):
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
     message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
     stream: bool = Field(default=False, description="answer with server-sent events (decision, tokens, done)")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=512, description="cap on the tokens the LM "
+                                       "generates (its acknowledgement); the decided content is always whole")
 
 
 class ExplainRequest(_Wire):
@@ -99,6 +101,8 @@ class StreamDone(_Wire):
 
 class StreamText(_Wire):
     text: str
+    final: bool = Field(default=False, description="no later `replace` can withdraw this text (it is decided "
+                        "content or passed the guard); otherwise it may be replaced")
 
 
 class StreamReplace(_Wire):
@@ -115,10 +119,23 @@ class StreamError(_Wire):
 class SessionView(_Wire):
     session: SessionState
     ttl_s: float
+    version: int = Field(default=0, description="the stored version: every saved turn adds one (docs/sessions.md)")
+
+
+class AuthConfig(_Wire):
+    """API keys and per-key limits (graphs/serving/auth.py, docs/security.md). No keys (neither `keys_file`
+    nor $COACT_API_KEYS): loopback clients only."""
+
+    keys_file: str | None = Field(default=None, description="one '<name> sha256:<hex> [limits]' per line")
+    rate_per_s: float = Field(default=10.0, gt=0, description="requests a second per key and ingress replica")
+    burst: int = Field(default=40, ge=1, description="requests a key may send at once before the rate applies")
+    max_sessions: int = Field(default=1000, ge=1, description="live sessions per key; a new one past it: 429")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed; empty: CORS off")
 
 
 class IngressConfig(StageConfig):
     turn_timeout_s: float = Field(default=120.0, gt=0, description="past it a turn answers 503 + Retry-After")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         ray_actor_options=ActorOptions(num_cpus=0.1), max_ongoing_requests=64, max_queued_requests=128))
 

@@ -20,12 +20,25 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coact.actors.audit_log import MAX_ROWS, get_or_create_audit
-from coact.actors.session_store import DEFAULT_TTL_S, get_or_create_store
+from coact.actors.config import SessionsConfig
+from coact.actors.session_backends import SessionConflict, StoreUnavailable
+from coact.actors.session_store import DEFAULT_TTL_S, open_store
 from coact.graphs.policy.domain import load_pack
-from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ResponderChunk, ResponderRequest, SessionState
-from coact.graphs.serving import openai_api
+from coact.graphs.policy.messages import MAX_MESSAGE_CHARS, ResponderChunk, ResponderRequest
+from coact.graphs.serving import openai_api, readiness
+from coact.graphs.serving.auth import (
+    ANONYMOUS,
+    Authenticator,
+    caller,
+    configure_gate,
+    cors_allowed,
+    gate_authenticator,
+    load_keys,
+    set_caller,
+)
 from coact.graphs.serving.http import (
     SESSION_ID_PATTERN,
+    AuthConfig,
     ChatRequest,
     ChatResponse,
     ExplainRequest,
@@ -37,17 +50,25 @@ from coact.graphs.serving.http import (
     StreamError,
 )
 from coact.graphs.serving.pipeline import (
+    KeyReused,
     PreparedTurn,
+    Replayed,
+    SessionLocks,
     Stages,
     UnknownSession,
     complete_turn,
     prepare_turn,
     run_turn,
+    session_of,
 )
-from coact.graphs.serving.streaming import sse, turn_events
+from coact.graphs.serving.streaming import replay_events, sse, turn_events
 
 MAX_BODY_BYTES = 16 * 1024  # a chat message is at most MAX_MESSAGE_CHARS; reject big bodies before parsing
 RETRY_AFTER_S = "2"
+# Idempotency-Key on the chat routes (docs/sessions.md): a retried turn with the same key on the same session
+# answers the first turn's response instead of applying it again.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 app = FastAPI(
     title="coact",
@@ -95,6 +116,58 @@ async def limit_body(request: Request, call_next):
             return _error_for(request, 413, f"request body too large: {length} bytes (limit {MAX_BODY_BYTES}; "
                                f"a message holds at most {MAX_MESSAGE_CHARS} characters)")
     return await call_next(request)
+
+
+# --- API keys, rate limits, CORS (graphs/serving/auth.py, docs/security.md) -------------------------------
+# Middleware is fixed when the module is imported, the keys only when a replica starts: the replica's
+# ChatIngress configures the gate, and each request's caller travels to the store calls (auth.caller()).
+# Probes and the static page carry no data and are open; everything else needs a key (when keys exist).
+OPEN_PATHS = ("/healthz", "/readyz", "/", "/web/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def _relative_path(request: Request) -> str:
+    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/web/")
+
+
+def _cors_headers(request: Request) -> dict[str, str]:
+    origin = request.headers.get("origin")
+    if not cors_allowed(origin):
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": f"Retry-After, {openai_api.SESSION_HEADER}"}
+
+
+@app.middleware("http")
+async def gate(request: Request, call_next):
+    cors = _cors_headers(request)
+    if request.method == "OPTIONS" and cors and request.headers.get("access-control-request-method"):
+        return Response(status_code=204, headers=cors | {
+            "Access-Control-Allow-Methods": "GET, POST, DELETE",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key, "
+                                            f"{openai_api.SESSION_HEADER}",
+            "Access-Control-Max-Age": "600"})
+    if not _is_open(_relative_path(request)):
+        verdict = gate_authenticator().check(request.headers.get("authorization"),
+                                     request.client.host if request.client else None)
+        if not verdict.ok:
+            return _error_for(request, verdict.status, verdict.error, headers=verdict.headers | cors)
+        set_caller(verdict.owner or ANONYMOUS)
+    response = await call_next(request)
+    response.headers.update(cors)
+    return response
+
+
+def store_id(session_id: str) -> str:
+    """The store's key of a session: the caller's sessions are theirs alone (another key's id is not found)."""
+    owner = caller()
+    return session_id if owner == ANONYMOUS else f"{owner}:{session_id}"
 
 
 @app.exception_handler(RequestValidationError)
@@ -183,21 +256,36 @@ def _retrying(handle: DeploymentHandle, attempts: int = 3, backoff_s: float = 0.
     return call
 
 
+def _ready_probe(handle: DeploymentHandle):
+    async def probe():
+        return await handle.ready.remote()
+    return probe
+
+
 @serve.deployment  # options from AppConfig.ingress.deployment at bind time (graphs/serving/app.py)
 @serve.ingress(app)
 class ChatIngress:
     def __init__(self, intent: DeploymentHandle, reasoner: DeploymentHandle, decision: DeploymentHandle,
                  responder: DeploymentHandle, actions: DeploymentHandle | None = None, domain: str = "banking",
                  session_ttl_s: float = DEFAULT_TTL_S, turn_timeout_s: float = 120.0,
-                 audit_log: str | None = None) -> None:
+                 audit_log: str | None = None, sessions: SessionsConfig | None = None,
+                 auth: AuthConfig | None = None) -> None:
         self.pack = load_pack(domain)
-        self.store = get_or_create_store(session_ttl_s)
+        auth = auth or AuthConfig()
+        configure_gate(Authenticator(load_keys(auth.keys_file), auth.rate_per_s, auth.burst, auth.max_sessions),
+                       auth.cors_origins)
+        sessions = sessions or SessionsConfig(ttl_s=session_ttl_s)
+        self.store = open_store(sessions)  # a SessionBackend: embedded actor or Redis (docs/sessions.md)
+        self.locks = SessionLocks()
         self.audit = get_or_create_audit(audit_log)
-        self.ttl_s = session_ttl_s
+        self.ttl_s = sessions.ttl_s
         self.turn_timeout_s = turn_timeout_s
         self.responder = responder
         self.intent = intent
         self.created = int(time.time())
+        # GET /readyz asks each stage its ready() directly (not through _retrying: a probe must not wait).
+        self.ready_handles = {"intent": intent, "reasoner": reasoner, "decision": decision, "responder": responder,
+                              **({"actions": actions} if actions is not None else {})}
         self.stages = Stages(
             intent=_retrying(intent),
             reason=_retrying(reasoner),
@@ -209,11 +297,11 @@ class ChatIngress:
             execute=_retrying(actions) if actions is not None else None,
         )
 
-    async def _load(self, session_id: str) -> dict | None:
-        return await self.store.get.remote(session_id)
+    async def _load(self, session_id: str) -> tuple[int, dict] | None:
+        return await self.store.get(store_id(session_id))
 
-    async def _save(self, session_id: str, state: dict) -> None:
-        await self.store.put.remote(session_id, state)
+    async def _save(self, session_id: str, state: dict, expected_version: int) -> int:
+        return await self.store.put(store_id(session_id), state, expected_version)  # SessionConflict: 409
 
     async def _responder_stream(self, req: ResponderRequest) -> AsyncIterator[ResponderChunk]:
         # Handle streaming: a plain handle call cannot carry a stream between deployments (ray #57098).
@@ -224,17 +312,34 @@ class ChatIngress:
         finally:
             gen.cancel()  # the client left (or the turn ended early): stop generating in the Responder
 
-    def _events(self, turn: PreparedTurn):
+    def _events(self, turn: PreparedTurn | ChatResponse):
+        if isinstance(turn, ChatResponse):  # a keyed turn applied before: its stored response, as events
+            return replay_events(turn)
         return turn_events(self.stages, turn, self._responder_stream, unavailable=(BackPressureError, *_REPLICA_GONE))
 
-    async def _prepare(self, body: ChatRequest, create_missing: bool = False) -> PreparedTurn | TurnFailure:
-        """The turn up to the decision, with the same error mapping as a whole turn."""
-        return await self._mapped(prepare_turn(self.stages, self.pack, body, create_missing), body)
+    async def _prepare(self, body: ChatRequest, create_missing: bool = False,
+                       idempotency_key: str | None = None) -> PreparedTurn | ChatResponse | TurnFailure:
+        """The turn up to the decision, with the same error mapping as a whole turn (a replayed key: its response)."""
+        return await self._mapped(prepare_turn(self.stages, self.pack, body, create_missing, idempotency_key), body)
+
+    async def _in_order(self, session_id: str | None, turn):
+        """Run `turn()` after the turns on this session that arrived before it (this replica; CAS across them)."""
+        async with self.locks.hold(session_id):
+            return await turn()
 
     async def _mapped(self, turn: Awaitable, body: ChatRequest):
-        """Await (part of) a turn under the turn timeout; known failures become a TurnFailure (404 / 503)."""
+        """Await (part of) a turn under the turn timeout; known failures become a TurnFailure (404/409/422/503)."""
         try:
             return await asyncio.wait_for(turn, self.turn_timeout_s)
+        except Replayed as r:
+            return r.response
+        except KeyReused as e:
+            return TurnFailure(422, f"invalid {IDEMPOTENCY_HEADER} header: {str(e)!r} was already used on this "
+                                    "session for another message")
+        except SessionConflict as e:
+            return TurnFailure(409, f"conflict: {e}; nothing of this turn was saved: load the session and resend")
+        except StoreUnavailable:
+            return _overloaded("the session store is unavailable")
         except UnknownSession:
             return TurnFailure(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
                                     "omit session_id to start a new session")
@@ -250,20 +355,26 @@ class ChatIngress:
             async with aclosing(self._events(turn)) as events:
                 async for name, data in events:
                     yield sse(name, data)
-        except Exception as e:  # headers are sent: report in-band, as an event
+        except SessionConflict as e:  # headers are sent: report in-band, as an event
+            yield sse("error", StreamError(error=f"conflict: {e}; nothing of this turn was saved"))
+        except StoreUnavailable:
+            yield sse("error", StreamError(error="overloaded: the session store is unavailable; retry later"))
+        except Exception as e:
             yield sse("error", StreamError(error=f"internal error: {type(e).__name__}"))
 
     @app.post("/v1/chat", response_model=ChatResponse, responses={
         200: {"content": {"text/event-stream": {}}, "description": "`stream: true`: server-sent events "
               "`decision`, `token`…, `replace` (guard), `done` (see docs/streaming-and-openai.md)"},
-        400: {}, 404: {}, 413: {}, 422: {}, 503: {}})
-    async def chat(self, body: ChatRequest):
+        400: {}, 404: {}, 409: {}, 413: {}, 422: {}, 503: {}})
+    async def chat(self, body: ChatRequest, idempotency_key: str | None = Header(
+            default=None, alias=IDEMPOTENCY_HEADER, pattern=IDEMPOTENCY_KEY_PATTERN)):
         if body.stream:
-            turn = await self._prepare(body)
+            turn = await self._prepare(body, idempotency_key=idempotency_key)
             if isinstance(turn, TurnFailure):
                 return turn.response()
             return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
-        resp = await self._mapped(run_turn(self.stages, self.pack, body), body)
+        resp = await self._mapped(self._in_order(
+            body.session_id, lambda: run_turn(self.stages, self.pack, body, idempotency_key)), body)
         return resp.response() if isinstance(resp, TurnFailure) else resp
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses={400: {}, 413: {}, 422: {}, 503: {}})
@@ -292,46 +403,97 @@ class ChatIngress:
 
     @app.post("/v1/chat/completions", response_model=OpenAIChatCompletion, responses={
         200: {"content": {"text/event-stream": {}}, "description": "`stream: true`: chat.completion.chunk events"},
-        400: {}, 404: {}, 413: {}, 503: {}})
+        400: {}, 404: {}, 409: {}, 413: {}, 503: {}})
     async def openai_chat(self, body: OpenAIChatRequest,
-                          x_coact_session_id: str | None = Header(default=None, alias=openai_api.SESSION_HEADER)):
+                          x_coact_session_id: str | None = Header(default=None, alias=openai_api.SESSION_HEADER),
+                          idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER,
+                                                               pattern=IDEMPOTENCY_KEY_PATTERN)):
         try:
             message, session_id = openai_api.turn_input(body, self.pack.name, x_coact_session_id)
         except openai_api.OpenAIRequestError as e:
             return _openai_error(e.status, e.message, e.param, e.code)
-        turn = await self._prepare(ChatRequest(message=message, session_id=session_id), create_missing=True)
+        by_messages = session_id is None  # no header, no `user`: the conversation resent in `messages` names it
+        if by_messages:
+            session_id = await self._conversation(openai_api.conversation_key(body.messages[:-1]))
+        turn = await self._prepare(ChatRequest(message=message, session_id=session_id,
+                                               max_new_tokens=openai_api.max_new_tokens(body)),
+                                   create_missing=True, idempotency_key=idempotency_key)
         if isinstance(turn, TurnFailure):
             return turn.response(openai=True)
-        headers = {openai_api.SESSION_HEADER: turn.session.session_id}
+        replay = isinstance(turn, ChatResponse)
+        headers = {openai_api.SESSION_HEADER: turn.session_id if replay else turn.session.session_id}
         model = openai_api.model_id(self.pack.name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(openai_api.chunks(self._events(turn), model, include_usage),
+            async def remember(done) -> None:
+                await self._remember(body.messages, done.reply, done.session_id)
+
+            return StreamingResponse(openai_api.chunks(self._events(turn), model, include_usage,
+                                                       remember if by_messages else None),
                                      media_type="text/event-stream", headers=SSE_HEADERS | headers)
         try:  # a whole reply: the Responder's batched path, as for a plain /v1/chat turn
-            resp = await asyncio.wait_for(complete_turn(self.stages, turn), self.turn_timeout_s)
+            resp = turn if replay else await asyncio.wait_for(complete_turn(self.stages, turn), self.turn_timeout_s)
+        except SessionConflict as e:
+            return TurnFailure(409, f"conflict: {e}; nothing of this turn was saved: resend").response(openai=True)
+        except StoreUnavailable:
+            return _overloaded("the session store is unavailable").response(openai=True)
         except BackPressureError as e:
             return _openai_error(503, "overloaded: the Responder's request queue is full; retry later",
                                  headers={"Retry-After": str(max(1, round(getattr(e, "retry_after_s", 0) or 2)))})
         except (TimeoutError, *_REPLICA_GONE):
             return _openai_error(503, "overloaded: the turn did not finish; retry later",
                                  headers={"Retry-After": RETRY_AFTER_S})
+        if by_messages:
+            await self._remember(body.messages, resp.reply, resp.session_id)
         return JSONResponse(openai_api.completion(resp, model).model_dump(mode="json"), headers=headers)
 
-    @app.get("/v1/sessions/{session_id}", response_model=SessionView, responses={404: {}, 422: {}})
+    async def _conversation(self, key: str | None) -> str | None:
+        """The session a conversation (the hash of its messages, `openai_api.conversation_key`) continues."""
+        if key is None:
+            return None
+        try:
+            loaded = await self._load(key)
+        except StoreUnavailable:
+            return None  # the turn's own load answers 503
+        return None if loaded is None else loaded[1].get("alias_of")  # None too when it is ambiguous
+
+    async def _remember(self, messages: list, reply: str, session_id: str) -> None:
+        """Name the conversation including this answer, so that resending it continues this session; a name
+        two sessions share names neither."""
+        key = store_id(openai_api.conversation_key(messages, reply))
+        try:
+            await self.store.put(key, {"alias_of": session_id}, None)
+        except SessionConflict:
+            try:
+                loaded = await self.store.get(key)
+                if loaded is not None and loaded[1].get("alias_of") not in (session_id, None):
+                    await self.store.put(key, {"alias_of": None, "ambiguous": True}, loaded[0])
+            except (SessionConflict, StoreUnavailable):
+                pass  # raced by a third conversation, or the store went away: the next call starts afresh
+        except StoreUnavailable:
+            pass  # no store: the answer stands; the session header still works
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionView, responses={404: {}, 422: {}, 503: {}})
     async def get_session(self, session_id: str):
         if not _valid_session_id(session_id):
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
-        raw = await self._load(session_id)
-        if raw is None:
+        try:
+            loaded = await self._load(session_id)
+        except StoreUnavailable:
+            return _overloaded("the session store is unavailable").response()
+        if loaded is None:
             return _error(404, f"unknown session_id {session_id!r}")
-        return SessionView(session=SessionState.model_validate(raw), ttl_s=self.ttl_s)
+        return SessionView(session=session_of(loaded[1])[0], ttl_s=self.ttl_s, version=loaded[0])
 
-    @app.delete("/v1/sessions/{session_id}", responses={404: {}, 422: {}})
+    @app.delete("/v1/sessions/{session_id}", responses={404: {}, 422: {}, 503: {}})
     async def delete_session(self, session_id: str):
         if not _valid_session_id(session_id):
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
-        if not await self.store.delete.remote(session_id):
+        try:
+            found = await self.store.delete(store_id(session_id))
+        except StoreUnavailable:
+            return _overloaded("the session store is unavailable").response()
+        if not found:
             return _error(404, f"unknown session_id {session_id!r}")
         return {"deleted": session_id}
 
@@ -342,6 +504,15 @@ class ChatIngress:
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
         if not 1 <= limit <= MAX_ROWS:
             return _error(422, f"invalid limit: between 1 and {MAX_ROWS}")
+        if caller() != ANONYMOUS:  # a key reads the audit of its own live sessions only
+            if session_id is None:
+                return _error(422, "invalid request: session_id: required with API keys (the audit of one "
+                                   "of your sessions)", [{"field": "session_id", "problem": "required"}])
+            try:
+                if await self._load(session_id) is None:
+                    return _error(404, f"unknown session_id {session_id!r}")
+            except StoreUnavailable:
+                return _overloaded("the session store is unavailable").response()
         return {"entries": await self.audit.entries.remote(session_id, limit)}
 
     @app.get("/", include_in_schema=False)
@@ -352,7 +523,22 @@ class ChatIngress:
     async def page_file(self, name: str):
         return _web_file(name)
 
+    @app.get("/readyz", responses={503: {}})
+    async def readyz(self):
+        """Readiness: every stage loaded and warmed, the store answering (graphs/serving/readiness.py)."""
+        async def store() -> dict:
+            return {"ready": True, "detail": await self.store.info()}
+
+        probes = {name: _ready_probe(handle) for name, handle in self.ready_handles.items()}
+        body = await readiness.check(probes, store)
+        status, headers = readiness.http_status(body)
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.get("/healthz")
     async def healthz(self):
-        info = await self.store.info.remote()
+        """Liveness: this ingress replica runs and the store answers; /readyz says whether turns can be served."""
+        try:
+            info = await self.store.info()
+        except StoreUnavailable as e:
+            return _error(503, f"unhealthy: {e}", headers={"Retry-After": RETRY_AFTER_S})
         return {"status": "ok", "domain": f"{self.pack.name}@{self.pack.version}", **info}

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from coact.graphs.policy.actions import action_call, executor_of, result_text, undo_call
 from coact.graphs.policy.dialogue import (
@@ -43,10 +44,26 @@ from coact.graphs.serving.http import ActionOut, ChatRequest, ChatResponse, Stag
 HISTORY_TURNS = 6  # what the responder sees; the session keeps more
 HISTORY_KEEP = 50
 MAX_ACTIONS_PER_TURN = 2  # the decided action, and what the policy chooses if it could not be done
+# Idempotency-Key results kept with the session (docs/sessions.md): the last N keyed turns' responses, saved in
+# the same compare-and-set write as the state, so a result is stored exactly when its turn is.
+RESULTS_FIELD = "idempotent_results"
+RESULTS_KEPT = 8
 
 
 class UnknownSession(KeyError):
     pass
+
+
+class Replayed(Exception):  # noqa: N818 - not an error: the turn was applied before, here is its response
+    """The turn's Idempotency-Key was applied already on this session: `response` is that turn's response."""
+
+    def __init__(self, response: ChatResponse) -> None:
+        super().__init__(response.session_id)
+        self.response = response
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key sent again on the session with another message."""
 
 
 @dataclass
@@ -55,8 +72,10 @@ class Stages:
     reason: Callable[[str], Awaitable[ReasonerResult]]
     decide: Callable[[DecisionRequest], Awaitable[DecisionResult]]
     respond: Callable[[ResponderRequest], Awaitable[ResponderResult]]
-    load: Callable[[str], Awaitable[dict | None]]
-    save: Callable[[str, dict], Awaitable[None]]
+    # (version, stored state) or None; save(session_id, state, loaded version) -> new version, or raises
+    # SessionConflict (coact.actors.session_backends) when another turn saved the session first.
+    load: Callable[[str], Awaitable[tuple[int, dict] | None]]
+    save: Callable[[str, dict, int], Awaitable[int]]
     # The action step; None: no executor (decided actions stay labels, as in the policy simulator).
     execute: Callable[[ActionCall], Awaitable[ActionRecord]] | None = None
 
@@ -69,6 +88,57 @@ async def _timed(coro: Awaitable) -> tuple[object, float]:
 
 def new_session_id() -> str:
     return uuid.uuid4().hex
+
+
+def session_of(raw: dict) -> tuple[SessionState, list[dict]]:
+    """A stored record: the session state and the Idempotency-Key results kept beside it."""
+    raw = dict(raw)
+    results = raw.pop(RESULTS_FIELD, None) or []
+    return SessionState.model_validate(raw), results
+
+
+def replayed(results: list[dict], key: str | None, message: str) -> ChatResponse | None:
+    """The stored response of the turn keyed `key`, if it was applied; KeyReused if that turn said something else."""
+    if key is None:
+        return None
+    for row in results:
+        if row.get("key") == key:
+            if row.get("message") != message:
+                raise KeyReused(key)
+            return ChatResponse.model_validate(row["response"])
+    return None
+
+
+class SessionLocks:
+    """Turns on one session, one at a time in arrival order, within one ingress replica (asyncio.Lock is FIFO).
+
+    Cheap ordering for the common case (one client, one replica); across replicas the store's compare-and-set
+    is what keeps turns from being lost (a turn that loses the race fails with SessionConflict, 409).
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, session_id: str | None) -> AsyncIterator[None]:
+        if session_id is None:  # a new session: nobody else can name it yet
+            yield
+            return
+        lock, users = self._locks.get(session_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users <= 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclass
@@ -90,25 +160,37 @@ class PreparedTurn:
     executed: list[ActionRecord] | None = None  # None: no action step ran (no executor)
     confirmed: list[str] | None = None  # actions the reply may say happened; None: no action step
     undone: str | None = None  # a done action this turn reversed
+    version: int = 0  # the session's stored version this turn loaded (0: new); the save is conditional on it
+    idempotency_key: str | None = None
+    results: list[dict] = field(default_factory=list)  # the Idempotency-Key results stored with the session
 
 
 async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
-                       create_missing: bool = False) -> PreparedTurn:
+                       create_missing: bool = False, idempotency_key: str | None = None) -> PreparedTurn:
     """Session, Intent + Reasoner, Decision: everything before the Responder.
 
     `create_missing`: an unknown session_id starts a new session under that id (the OpenAI route,
     where the client names the conversation) instead of raising UnknownSession.
+    `idempotency_key`: a turn already applied on this session under this key raises Replayed with its response.
     """
     t_start = time.perf_counter()
     trace: list[StageTrace] = []
 
+    version, results = 0, []
     if request.session_id is None:
         session, ms = SessionState(session_id=new_session_id()), 0.0
     else:
-        raw, ms = await _timed(stages.load(request.session_id))
-        if raw is None and not create_missing:
+        loaded, ms = await _timed(stages.load(request.session_id))
+        if loaded is None and not create_missing:
             raise UnknownSession(request.session_id)
-        session = SessionState(session_id=request.session_id) if raw is None else SessionState.model_validate(raw)
+        if loaded is None:
+            session = SessionState(session_id=request.session_id)
+        else:
+            version, raw = loaded
+            session, results = session_of(raw)
+            replay = replayed(results, idempotency_key, request.message)
+            if replay is not None:
+                raise Replayed(replay)
     trace.append(StageTrace(stage="session", ms=round(ms, 2), output={"turns": session.turns,
                                                                       "pending_question": session.pending_question}))
 
@@ -129,6 +211,14 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     trace.append(StageTrace(stage="reasoner", ms=round(reason_ms, 2), output=reasoner.model_dump()))
 
     plan = plan_turn(session, request.message, intent, reasoner, pack, part_results)
+    turn = await _decided_turn(stages, pack, request, session, plan, intent, reasoner, trace, t_start)
+    turn.version, turn.idempotency_key, turn.results = version, idempotency_key, results
+    return turn
+
+
+async def _decided_turn(stages: Stages, pack: DomainPack, request: ChatRequest, session: SessionState, plan: TurnPlan,
+                        intent: IntentResult, reasoner: ReasonerResult, trace: list[StageTrace],
+                        t_start: float) -> PreparedTurn:
     if plan.undo is not None:
         return await _undo_turn(stages, pack, request, session, plan, intent, reasoner, trace, t_start)
     if plan.reply is not None:
@@ -170,7 +260,7 @@ async def prepare_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
     confirmed = _confirmed(pack, decision, executed)
     req = ResponderRequest(message=request.message, decision=decision, template=template, forbidden=forbidden,
                            history=session.history[-HISTORY_TURNS:], confirmed=confirmed,
-                           reason=None if reason is None else reason.clause)
+                           reason=None if reason is None else reason.clause, max_new_tokens=request.max_new_tokens)
     return PreparedTurn(request=request, session=session, plan=plan, pack=pack, intent=intent, reasoner=reasoner,
                         decision=decision, action=ActionOut(kind=decision.kind, name=decision.action,
                                                             target=decision.target, executed=executed or []),
@@ -282,12 +372,22 @@ async def finish_turn(stages: Stages, turn: PreparedTurn, responder: ResponderRe
     session.updated_at = time.time()
     session.history = [*session.history, HistoryTurn(role="user", text=turn.request.message),
                        HistoryTurn(role="assistant", text=reply_text)][-HISTORY_KEEP:]
-    save_ms = (await _timed(stages.save(session.session_id, session.model_dump())))[1]
-    trace[0] = trace[0].model_copy(update={"ms": round(trace[0].ms + save_ms, 2)})
 
+    # The response is complete before the save, so that a keyed turn's stored result is exactly what was sent
+    # (the session stage's ms is the load; the save follows).
     total = (time.perf_counter() - turn.t_start) * 1000.0
-    return ChatResponse(session_id=session.session_id, reply=reply_text, action=turn.action,
-                        trace=Trace(stages=trace, total_ms=round(total, 2), model_versions=_versions(turn, responder)))
+    response = ChatResponse(session_id=session.session_id, reply=reply_text, action=turn.action,
+                            trace=Trace(stages=trace, total_ms=round(total, 2),
+                                        model_versions=_versions(turn, responder)))
+    record = session.model_dump()
+    results = turn.results
+    if turn.idempotency_key is not None:
+        results = [*results, {"key": turn.idempotency_key, "message": turn.request.message,
+                              "response": response.model_dump(mode="json")}][-RESULTS_KEPT:]
+    if results:
+        record[RESULTS_FIELD] = results
+    await stages.save(session.session_id, record, turn.version)  # SessionConflict: another turn saved first
+    return response
 
 
 async def complete_turn(stages: Stages, turn: PreparedTurn) -> ChatResponse:
@@ -299,5 +399,11 @@ async def complete_turn(stages: Stages, turn: PreparedTurn) -> ChatResponse:
     return await finish_turn(stages, turn, responder, resp_ms)
 
 
-async def run_turn(stages: Stages, pack: DomainPack, request: ChatRequest) -> ChatResponse:
-    return await complete_turn(stages, await prepare_turn(stages, pack, request))
+async def run_turn(stages: Stages, pack: DomainPack, request: ChatRequest,
+                   idempotency_key: str | None = None) -> ChatResponse:
+    """A whole turn; a keyed turn applied before answers with its stored response (nothing runs again)."""
+    try:
+        turn = await prepare_turn(stages, pack, request, idempotency_key=idempotency_key)
+    except Replayed as r:
+        return r.response
+    return await complete_turn(stages, turn)

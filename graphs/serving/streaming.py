@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from coact.actors.generation import template_result
 from coact.graphs.policy.messages import ResponderChunk, ResponderRequest
-from coact.graphs.serving.http import StreamDone, StreamReplace, StreamText
+from coact.graphs.serving.http import ChatResponse, StreamDone, StreamReplace, StreamText
 from coact.graphs.serving.pipeline import PreparedTurn, Stages, finish_turn, partial_response
 
 ResponderStream = Callable[[ResponderRequest], AsyncIterator[ResponderChunk]]
@@ -28,7 +28,7 @@ async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: Responder
     yield "decision", partial_response(turn)
     req = turn.responder_request
     if req is None:  # a conversation act or a done action: the reply is a template, nothing to generate
-        yield "token", StreamText(text=turn.template_reply)
+        yield "token", StreamText(text=turn.template_reply, final=True)
         done = await finish_turn(stages, turn, None)
         yield "done", StreamDone(**done.model_dump(), source="template")
         return
@@ -44,7 +44,7 @@ async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: Responder
                 if chunk.kind == "token":
                     first_ms = first_ms if first_ms is not None else (time.perf_counter() - t0) * 1000.0
                     sent = True
-                    yield "token", StreamText(text=chunk.text)
+                    yield "token", StreamText(text=chunk.text, final=chunk.final)
                 elif chunk.kind == "replace":
                     replaced = replaced or sent
                     yield "replace", StreamReplace(reply=chunk.text, guard=chunk.guard)
@@ -61,6 +61,15 @@ async def turn_events(stages: Stages, turn: PreparedTurn, open_stream: Responder
     yield "done", StreamDone(**done.model_dump(), source=result.source, guard=result.guard, replaced=replaced,
                              responder_ms=round(responder_ms, 2),
                              first_token_ms=None if first_ms is None else round(first_ms, 2))
+
+
+async def replay_events(response: ChatResponse) -> AsyncIterator[tuple[str, BaseModel]]:
+    """A keyed turn sent again (Idempotency-Key): the stored response, as the events of a stream."""
+    yield "decision", response.model_copy(update={"reply": ""})
+    yield "token", StreamText(text=response.reply, final=True)
+    out = next((s.output for s in response.trace.stages if s.stage == "responder"), {})
+    yield "done", StreamDone(**response.model_dump(), source="model" if out.get("source") == "model" else "template",
+                             guard=out.get("guard"))
 
 
 def sse(event: str | None, data: BaseModel | dict | str) -> bytes:

@@ -12,6 +12,16 @@ const state = { sessionId: null, turns: [], busy: false };
 window.coact = state; // what a test (or a curious operator in the console) reads
 
 const $ = (sel) => document.querySelector(sel);
+const STORE_KEY = "coact.apiKey"; // sessionStorage: the key lives as long as this tab
+
+// Every API call: with the API key when one is given (servers with keys answer 401 without).
+async function api(path, options = {}) {
+  const key = sessionStorage.getItem(STORE_KEY);
+  const headers = { ...(options.headers || {}), ...(key ? { authorization: `Bearer ${key}` } : {}) };
+  const r = await fetch(`${BASE}${path}`, { ...options, headers });
+  if (r.status === 401) setStatus("this server needs an API key: paste yours in the box at the top");
+  return r;
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -78,7 +88,7 @@ function renderSessions() {
 
 async function openSession(id) {
   if (state.busy) return;
-  const r = await fetch(`${BASE}v1/sessions/${encodeURIComponent(id)}`);
+  const r = await api(`v1/sessions/${encodeURIComponent(id)}`);
   if (r.status === 404) { forgetSession(id); setStatus(`session ${id} expired`); return; }
   if (!r.ok) { setStatus(`could not load session: ${(await r.json()).error}`); return; }
   const view = await r.json();
@@ -180,7 +190,7 @@ async function send(message) {
   const turn = addTurn(message);
   const body = { message, stream: true, ...(state.sessionId ? { session_id: state.sessionId } : {}) };
   try {
-    const r = await fetch(`${BASE}v1/chat`, {
+    const r = await api("v1/chat", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
     });
     if (!r.ok) {
@@ -236,7 +246,7 @@ async function explainMessage(message, box) {
   box.replaceChildren(el("span", { class: "muted", text: "explaining…" }));
   let r;
   try {
-    r = await fetch(`${BASE}v1/explain`, {
+    r = await api("v1/explain", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ message }),
     });
   } catch (e) {
@@ -442,5 +452,10 @@ $("#composer").addEventListener("submit", (e) => {
   send(message);
 });
 $("#start-over").addEventListener("click", startOver);
+$("#api-key").value = sessionStorage.getItem(STORE_KEY) || "";
+$("#api-key").addEventListener("change", (e) => {
+  const key = e.target.value.trim();
+  if (key) sessionStorage.setItem(STORE_KEY, key); else sessionStorage.removeItem(STORE_KEY);
+});
 renderSessions();
 setStatus("new session: it starts with your first message");
