@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -49,6 +50,7 @@ from coact.graphs.serving.http import (
     SessionView,
     StreamError,
 )
+from coact.graphs.serving.metrics import ingress_metrics
 from coact.graphs.serving.pipeline import (
     KeyReused,
     PreparedTurn,
@@ -69,6 +71,7 @@ RETRY_AFTER_S = "2"
 # answers the first turn's response instead of applying it again.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+SESSION_PATH = PathParam(pattern=SESSION_ID_PATTERN, description="a session id, as returned by a turn")
 
 app = FastAPI(
     title="coact",
@@ -115,6 +118,15 @@ async def limit_body(request: Request, call_next):
         if too_big:
             return _error_for(request, 413, f"request body too large: {length} bytes (limit {MAX_BODY_BYTES}; "
                                f"a message holds at most {MAX_MESSAGE_CHARS} characters)")
+    elif request.method in ("POST", "PUT", "PATCH"):  # chunked: count while reading, stop at the limit
+        size, chunks = 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return _error_for(request, 413, f"request body too large: over {MAX_BODY_BYTES} bytes (chunked; "
+                                   f"a message holds at most {MAX_MESSAGE_CHARS} characters)")
+            chunks.append(chunk)
+        request._body = b"".join(chunks)  # what the route reads (Starlette replays a body read here)
     return await call_next(request)
 
 
@@ -157,6 +169,7 @@ async def gate(request: Request, call_next):
         verdict = gate_authenticator().check(request.headers.get("authorization"),
                                      request.client.host if request.client else None)
         if not verdict.ok:
+            ingress_metrics().refused(verdict.status, "rate limit" if verdict.status == 429 else "auth")
             return _error_for(request, verdict.status, verdict.error, headers=verdict.headers | cors)
         set_caller(verdict.owner or ANONYMOUS)
     response = await call_next(request)
@@ -189,7 +202,21 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error_for(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names the first matching route's methods; a path may have several
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _error_for(request, exc.status_code, str(exc.detail), headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        for method in getattr(route, "methods", None) or ():
+            if route.matches({**request.scope, "method": method})[0] == Match.FULL:
+                methods.add(method)
+    return sorted(methods)
 
 
 @app.exception_handler(Exception)
@@ -225,6 +252,7 @@ class TurnFailure:
 
     def response(self, openai: bool = False) -> JSONResponse:
         headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        ingress_metrics().refused(self.status, self.error.split(":", 1)[0][:40])
         if openai:
             return _openai_error(self.status, self.error, headers=headers)
         return _error(self.status, self.error, headers=headers)
@@ -262,6 +290,15 @@ def _ready_probe(handle: DeploymentHandle):
     return probe
 
 
+async def _counted(events, route: str):
+    """The turn's events, unchanged; the finished turn is counted (graphs/serving/metrics.py)."""
+    async with aclosing(events):
+        async for name, data in events:
+            if name == "done":
+                ingress_metrics().turn(data, route)
+            yield name, data
+
+
 @serve.deployment  # options from AppConfig.ingress.deployment at bind time (graphs/serving/app.py)
 @serve.ingress(app)
 class ChatIngress:
@@ -274,6 +311,10 @@ class ChatIngress:
         auth = auth or AuthConfig()
         configure_gate(Authenticator(load_keys(auth.keys_file), auth.rate_per_s, auth.burst, auth.max_sessions),
                        auth.cors_origins)
+        try:
+            ingress_metrics(serve.get_replica_context().app_name)  # metrics tagged with this app's name
+        except Exception:  # noqa: BLE001 - constructed outside a replica (tests of the class): default tag
+            ingress_metrics()
         sessions = sessions or SessionsConfig(ttl_s=session_ttl_s)
         self.store = open_store(sessions)  # a SessionBackend: embedded actor or Redis (docs/sessions.md)
         self.locks = SessionLocks()
@@ -312,10 +353,11 @@ class ChatIngress:
         finally:
             gen.cancel()  # the client left (or the turn ended early): stop generating in the Responder
 
-    def _events(self, turn: PreparedTurn | ChatResponse):
+    def _events(self, turn: PreparedTurn | ChatResponse, route: str = "chat"):
         if isinstance(turn, ChatResponse):  # a keyed turn applied before: its stored response, as events
             return replay_events(turn)
-        return turn_events(self.stages, turn, self._responder_stream, unavailable=(BackPressureError, *_REPLICA_GONE))
+        events = turn_events(self.stages, turn, self._responder_stream, unavailable=(BackPressureError, *_REPLICA_GONE))
+        return _counted(events, route)
 
     async def _prepare(self, body: ChatRequest, create_missing: bool = False,
                        idempotency_key: str | None = None) -> PreparedTurn | ChatResponse | TurnFailure:
@@ -337,8 +379,10 @@ class ChatIngress:
             return TurnFailure(422, f"invalid {IDEMPOTENCY_HEADER} header: {str(e)!r} was already used on this "
                                     "session for another message")
         except SessionConflict as e:
+            ingress_metrics().store_error("conflict")
             return TurnFailure(409, f"conflict: {e}; nothing of this turn was saved: load the session and resend")
         except StoreUnavailable:
+            ingress_metrics().store_error("unavailable")
             return _overloaded("the session store is unavailable")
         except UnknownSession:
             return TurnFailure(404, f"unknown session_id {body.session_id!r}: it expired or never existed; "
@@ -375,7 +419,10 @@ class ChatIngress:
             return StreamingResponse(self._sse(turn), media_type="text/event-stream", headers=SSE_HEADERS)
         resp = await self._mapped(self._in_order(
             body.session_id, lambda: run_turn(self.stages, self.pack, body, idempotency_key)), body)
-        return resp.response() if isinstance(resp, TurnFailure) else resp
+        if isinstance(resp, TurnFailure):
+            return resp.response()
+        ingress_metrics().turn(resp, "chat")
+        return resp
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses={400: {}, 413: {}, 422: {}, 503: {}})
     async def explain(self, body: ExplainRequest):
@@ -428,7 +475,7 @@ class ChatIngress:
             async def remember(done) -> None:
                 await self._remember(body.messages, done.reply, done.session_id)
 
-            return StreamingResponse(openai_api.chunks(self._events(turn), model, include_usage,
+            return StreamingResponse(openai_api.chunks(self._events(turn, "openai"), model, include_usage,
                                                        remember if by_messages else None),
                                      media_type="text/event-stream", headers=SSE_HEADERS | headers)
         try:  # a whole reply: the Responder's batched path, as for a plain /v1/chat turn
@@ -445,6 +492,8 @@ class ChatIngress:
                                  headers={"Retry-After": RETRY_AFTER_S})
         if by_messages:
             await self._remember(body.messages, resp.reply, resp.session_id)
+        if not replay:
+            ingress_metrics().turn(resp, "openai")
         return JSONResponse(openai_api.completion(resp, model).model_dump(mode="json"), headers=headers)
 
     async def _conversation(self, key: str | None) -> str | None:
@@ -474,7 +523,7 @@ class ChatIngress:
             pass  # no store: the answer stands; the session header still works
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionView, responses={404: {}, 422: {}, 503: {}})
-    async def get_session(self, session_id: str):
+    async def get_session(self, session_id: str = SESSION_PATH):
         if not _valid_session_id(session_id):
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
         try:
@@ -486,7 +535,7 @@ class ChatIngress:
         return SessionView(session=session_of(loaded[1])[0], ttl_s=self.ttl_s, version=loaded[0])
 
     @app.delete("/v1/sessions/{session_id}", responses={404: {}, 422: {}, 503: {}})
-    async def delete_session(self, session_id: str):
+    async def delete_session(self, session_id: str = SESSION_PATH):
         if not _valid_session_id(session_id):
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
         try:
@@ -498,7 +547,8 @@ class ChatIngress:
         return {"deleted": session_id}
 
     @app.get("/v1/audit", responses={422: {}})
-    async def audit(self, session_id: str | None = None, limit: int = MAX_ROWS):
+    async def audit(self, session_id: str | None = Query(default=None, pattern=SESSION_ID_PATTERN),
+                    limit: int = Query(default=MAX_ROWS, ge=1, le=MAX_ROWS)):
         """The audit log: every executed action with its decision and result, oldest first (operators)."""
         if session_id is not None and not _valid_session_id(session_id):
             return _error(422, f"invalid session_id: must match {SESSION_ID_PATTERN}")
