@@ -49,6 +49,10 @@ class SessionBackend(Protocol):
 
     async def info(self) -> dict: ...
 
+    async def count(self, prefix: str, exclude: str | None = None) -> int:
+        """Live sessions whose id starts with `prefix` (and does not continue with `exclude`)."""
+        ...
+
 
 def expected_of(expected_version: int | None) -> int:
     """None and 0 both mean: the session must not exist yet."""
@@ -133,6 +137,16 @@ class RedisSessions:
     async def info(self) -> dict:
         await self._bounded("ping", self._redis().ping())
         return {"backend": "redis", "ttl_s": self.ttl_s}
+
+    async def count(self, prefix: str, exclude: str | None = None) -> int:
+        """SCAN over the prefix (keys expire by themselves, so every key found is live)."""
+        async def scan() -> int:
+            n, start = 0, len(self._key(prefix))
+            async for key in self._redis().scan_iter(match=self._key(prefix) + "*", count=1000):
+                key = key.decode() if isinstance(key, bytes) else key
+                n += not (exclude and key[start:].startswith(exclude))
+            return n
+        return await self._bounded("count", scan())
 
     def set_ttl(self, ttl_s: float) -> None:
         """The expiry given to every later write (keys keep theirs until written again)."""

@@ -111,6 +111,13 @@ class SessionTable:
     def rows(self) -> dict[str, Row]:
         return dict(self._rows)  # one C-level copy: safe to take from the compaction thread
 
+    def count(self, prefix: str, exclude: str | None = None) -> int:
+        """Live sessions whose id starts with `prefix` (and does not continue with `exclude`)."""
+        now = self._clock()
+        return sum(1 for k, (t, _, _) in list(self._rows.items())
+                   if k.startswith(prefix) and now - t <= self.ttl_s
+                   and not (exclude and k[len(prefix):].startswith(exclude)))
+
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -279,6 +286,9 @@ class SessionStore:
     def set_ttl(self, ttl_s: float) -> None:
         self._table.set_ttl(ttl_s)
 
+    def count(self, prefix: str, exclude: str | None = None) -> int:
+        return self._table.count(prefix, exclude)
+
     def info(self) -> dict:
         return {"backend": "embedded", "sessions": len(self._table), "ttl_s": self._table.ttl_s}
 
@@ -346,6 +356,9 @@ class EmbeddedSessions:
 
     async def info(self) -> dict:
         return await self._call("info", self.actor.info)
+
+    async def count(self, prefix: str, exclude: str | None = None) -> int:
+        return await self._call("count", self.actor.count, prefix, exclude)
 
 
 def open_store(sessions) -> SessionBackend:

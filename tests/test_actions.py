@@ -44,9 +44,18 @@ def stage(resp: dict, name: str) -> list[dict]:
 def test_at_risk_turn_freezes_once_even_when_retried(template_app_url: str, action_server) -> None:
     url = template_app_url
     sid = chat(url, "hello")["session_id"]
-    # The same turn sent twice at once (a client retrying a turn it thinks was lost): one idempotency key.
+    # The same turn sent twice at once (a client retrying a turn it thinks was lost), with one Idempotency-Key
+    # (docs/sessions.md): applied once, and both answered with that turn. The action's own idempotency key
+    # makes the executor act once even for two turns that race across ingress replicas.
+    def send(_: int) -> dict:
+        r = httpx.post(f"{url}/v1/chat", json={"message": AT_RISK, "session_id": sid},
+                       headers={"Idempotency-Key": f"retry-{sid}"}, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()
+
     with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(lambda _: chat(url, AT_RISK, sid), range(2))
+        first, second = pool.map(send, range(2))
+    assert first == second
     for resp in (first, second):
         assert resp["action"]["name"] == "freeze_card", resp["action"]
         (done,) = resp["action"]["executed"]

@@ -13,7 +13,7 @@ from coact.graphs.serving.auth import hash_key, new_key
 
 pytestmark = pytest.mark.serve
 
-ALICE, BOB, LIMITED = new_key(), new_key(), new_key()
+ALICE, BOB, LIMITED, CAPPED = new_key(), new_key(), new_key(), new_key()
 ORIGIN = "https://support.example.org"
 
 
@@ -21,7 +21,8 @@ ORIGIN = "https://support.example.org"
 def keyed_url(serve_app_module, tmp_path_factory: pytest.TempPathFactory) -> str:
     keys: Path = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"alice {hash_key(ALICE)}\nbob {hash_key(BOB)}\n"
-                    f"limited {hash_key(LIMITED)} rate_per_s=0.2 burst=3\n")
+                    f"limited {hash_key(LIMITED)} rate_per_s=0.2 burst=3\n"
+                    f"capped {hash_key(CAPPED)} max_sessions=2\n")
     return serve_app_module("keyed", {"responder": {"generate": False},
                                       "ingress": {"auth": {"keys_file": str(keys), "rate_per_s": 50, "burst": 50,
                                                            "cors_origins": [ORIGIN]}}})
@@ -98,3 +99,22 @@ def test_cors_only_for_listed_origins(keyed_url: str) -> None:
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
     r = httpx.options(f"{keyed_url}/v1/chat", headers=preflight | {"Origin": "https://evil.example"}, timeout=30)
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_live_sessions_per_key_are_capped(keyed_url: str) -> None:
+    def start(stream: bool = False) -> httpx.Response:
+        return httpx.post(f"{keyed_url}/v1/chat", json={"message": "hello", "stream": stream}, headers=_as(CAPPED),
+                          timeout=120)
+
+    first, second = start(), start(stream=True)
+    assert first.status_code == 200 and second.status_code == 200
+    full = start()
+    assert full.status_code == 429 and "too many sessions" in full.json()["error"] and full.headers["retry-after"]
+    # an existing session goes on; another key is not affected; ending one makes room
+    sid = first.json()["session_id"]
+    r = httpx.post(f"{keyed_url}/v1/chat", json={"message": "thanks", "session_id": sid}, headers=_as(CAPPED),
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    assert httpx.post(f"{keyed_url}/v1/chat", json={"message": "hello"}, headers=_as(ALICE), timeout=120).status_code == 200
+    assert httpx.delete(f"{keyed_url}/v1/sessions/{sid}", headers=_as(CAPPED), timeout=30).status_code == 200
+    assert start().status_code == 200

@@ -168,3 +168,16 @@ def test_writes_during_a_compaction_are_kept(tmp_path: Path) -> None:
     SessionJournal(path).replay(restored)
     assert len(restored) == 259 and restored.get("s259") == (1, {"i": 259})
     assert restored.get("s0") == (2, {"i": "new"}) and restored.get("s1") is None
+
+
+def test_count_by_prefix_skips_expired_and_excluded() -> None:
+    from coact.actors.session_store import SessionTable
+
+    now = [1000.0]
+    table = SessionTable(ttl_s=60, clock=lambda: now[0])
+    for sid in ("alice:a", "alice:b", "alice:conv:x", "bob:a", "plain"):
+        table.put(sid, {"s": sid})
+    assert table.count("alice:") == 3 and table.count("alice:", exclude="conv:") == 2 and table.count("bob:") == 1
+    now[0] += 61
+    table.put("alice:c", {"s": "c"})
+    assert table.count("alice:", exclude="conv:") == 1

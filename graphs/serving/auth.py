@@ -216,6 +216,7 @@ class Authenticator:
 # reads lives here, in an importable module, so the replica's ChatIngress sets the very object it reads.
 _GATE: dict = {"auth": Authenticator([], 1.0, 1, 1), "cors": frozenset()}
 _CALLER: ContextVar[str] = ContextVar("coact_caller", default=ANONYMOUS)
+_CALLER_SESSIONS: ContextVar[int | None] = ContextVar("coact_caller_sessions", default=None)
 
 
 def configure_gate(authenticator: Authenticator, cors_origins: list[str]) -> None:
@@ -230,10 +231,17 @@ def cors_allowed(origin: str | None) -> bool:
     return bool(origin) and (origin in _GATE["cors"] or "*" in _GATE["cors"])
 
 
-def set_caller(owner: str) -> None:
-    """The request's caller (its key's name, or ANONYMOUS), for the store calls the request makes."""
+def set_caller(owner: str, max_sessions: int | None = None) -> None:
+    """The request's caller (its key's name, or ANONYMOUS) and its cap on live sessions, for the store calls
+    the request makes."""
     _CALLER.set(owner)
+    _CALLER_SESSIONS.set(max_sessions)
 
 
 def caller() -> str:
     return _CALLER.get()
+
+
+def caller_max_sessions() -> int | None:
+    """The caller's cap on live sessions; None for loopback callers without keys (no cap)."""
+    return None if _CALLER.get() == ANONYMOUS else _CALLER_SESSIONS.get()

@@ -31,6 +31,7 @@ from coact.graphs.serving.auth import (
     ANONYMOUS,
     Authenticator,
     caller,
+    caller_max_sessions,
     configure_gate,
     cors_allowed,
     gate_authenticator,
@@ -171,7 +172,7 @@ async def gate(request: Request, call_next):
         if not verdict.ok:
             ingress_metrics().refused(verdict.status, "rate limit" if verdict.status == 429 else "auth")
             return _error_for(request, verdict.status, verdict.error, headers=verdict.headers | cors)
-        set_caller(verdict.owner or ANONYMOUS)
+        set_caller(verdict.owner or ANONYMOUS, verdict.max_sessions)
     response = await call_next(request)
     response.headers.update(cors)
     return response
@@ -290,6 +291,10 @@ def _ready_probe(handle: DeploymentHandle):
     return probe
 
 
+class TooManySessions(Exception):
+    """A key at its cap of live sessions tried to start another."""
+
+
 async def _counted(events, route: str):
     """The turn's events, unchanged; the finished turn is counted (graphs/serving/metrics.py)."""
     async with aclosing(events):
@@ -342,7 +347,28 @@ class ChatIngress:
         return await self.store.get(store_id(session_id))
 
     async def _save(self, session_id: str, state: dict, expected_version: int) -> int:
+        if not expected_version:  # a new session of a key: within its cap (checked again where it is saved)
+            await self._check_session_cap()
         return await self.store.put(store_id(session_id), state, expected_version)  # SessionConflict: 409
+
+    async def _check_session_cap(self) -> None:
+        cap = caller_max_sessions()
+        if cap is None:
+            return
+        live = await self.store.count(f"{caller()}:", exclude=openai_api.CONVERSATION_PREFIX)
+        if live >= cap:
+            raise TooManySessions(f"key {caller()!r} has {live} live sessions (at most {cap}): end one "
+                                  "(DELETE /v1/sessions/{id}) or wait for one to expire")
+
+    async def _at_session_cap(self) -> TurnFailure | None:
+        """Before a turn that starts a session: 429 when the key is at its cap."""
+        try:
+            await self._check_session_cap()
+        except TooManySessions as e:
+            return TurnFailure(429, f"too many sessions: {e}", str(max(1, round(self.ttl_s / 10))))
+        except StoreUnavailable:
+            return _overloaded("the session store is unavailable")
+        return None
 
     async def _responder_stream(self, req: ResponderRequest) -> AsyncIterator[ResponderChunk]:
         # Handle streaming: a plain handle call cannot carry a stream between deployments (ray #57098).
@@ -378,6 +404,8 @@ class ChatIngress:
         except KeyReused as e:
             return TurnFailure(422, f"invalid {IDEMPOTENCY_HEADER} header: {str(e)!r} was already used on this "
                                     "session for another message")
+        except TooManySessions as e:
+            return TurnFailure(429, f"too many sessions: {e}", str(max(1, round(self.ttl_s / 10))))
         except SessionConflict as e:
             ingress_metrics().store_error("conflict")
             return TurnFailure(409, f"conflict: {e}; nothing of this turn was saved: load the session and resend")
@@ -399,7 +427,9 @@ class ChatIngress:
             async with aclosing(self._events(turn)) as events:
                 async for name, data in events:
                     yield sse(name, data)
-        except SessionConflict as e:  # headers are sent: report in-band, as an event
+        except TooManySessions as e:  # headers are sent: report in-band, as an event
+            yield sse("error", StreamError(error=f"too many sessions: {e}"))
+        except SessionConflict as e:
             yield sse("error", StreamError(error=f"conflict: {e}; nothing of this turn was saved"))
         except StoreUnavailable:
             yield sse("error", StreamError(error="overloaded: the session store is unavailable; retry later"))
@@ -412,6 +442,8 @@ class ChatIngress:
         400: {}, 404: {}, 409: {}, 413: {}, 422: {}, 503: {}})
     async def chat(self, body: ChatRequest, idempotency_key: str | None = Header(
             default=None, alias=IDEMPOTENCY_HEADER, pattern=IDEMPOTENCY_KEY_PATTERN)):
+        if body.session_id is None and (full := await self._at_session_cap()) is not None:
+            return full.response()
         if body.stream:
             turn = await self._prepare(body, idempotency_key=idempotency_key)
             if isinstance(turn, TurnFailure):
@@ -480,6 +512,8 @@ class ChatIngress:
                                      media_type="text/event-stream", headers=SSE_HEADERS | headers)
         try:  # a whole reply: the Responder's batched path, as for a plain /v1/chat turn
             resp = turn if replay else await asyncio.wait_for(complete_turn(self.stages, turn), self.turn_timeout_s)
+        except TooManySessions as e:
+            return TurnFailure(429, f"too many sessions: {e}", "60").response(openai=True)
         except SessionConflict as e:
             return TurnFailure(409, f"conflict: {e}; nothing of this turn was saved: resend").response(openai=True)
         except StoreUnavailable:
