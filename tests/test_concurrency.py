@@ -20,6 +20,10 @@ import pytest
 pytestmark = pytest.mark.serve
 
 TEMPLATES = {"responder": {"generate": False}}
+# The session's two shared apps and this module's app already reserve most of the test cluster's 4 CPUs: the
+# Redis app reserves slivers (reservations only; the turns are few), or Serve could never place it.
+_SLIVER = {"deployment": {"ray_actor_options": {"num_cpus": 0.05}}}
+LIGHT = {"responder": {"generate": False, **_SLIVER}, "intent": _SLIVER, "reasoner": _SLIVER, "decision": _SLIVER}
 MESSAGES = ["Where is my new card?", "How do I top up my account?", "What is the exchange rate?",
             "My card payment was declined", "How long does a transfer take?", "I want to change my PIN",
             "Is there a fee for withdrawing cash?", "Can I get a virtual card?"]
@@ -185,7 +189,7 @@ def test_embedded_store_actor_keeps_versions_across_a_restart(ray_cluster, tmp_p
 def test_redis_backend_down_answers_503_and_keeps_acknowledged_turns(serve_app, redis_server) -> None:
     prefix = f"coact-test:{uuid.uuid4().hex[:8]}:"
     sessions = {"backend": "redis", "redis_url": redis_server.url, "redis_prefix": prefix, "timeout_s": 2.0}
-    url = serve_app("coact-redis", TEMPLATES | {"sessions": sessions})
+    url = serve_app("coact-redis", LIGHT | {"sessions": sessions})
     assert httpx.get(f"{url}/healthz", timeout=30).json()["backend"] == "redis"
     first = httpx.post(f"{url}/v1/chat", json={"message": "Where is my new card?"}, timeout=120)
     assert first.status_code == 200, first.text
