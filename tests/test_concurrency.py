@@ -20,10 +20,11 @@ import pytest
 pytestmark = pytest.mark.serve
 
 TEMPLATES = {"responder": {"generate": False}}
-# The session's two shared apps and this module's app already reserve most of the test cluster's 4 CPUs: the
-# Redis app reserves slivers (reservations only; the turns are few), or Serve could never place it.
-_SLIVER = {"deployment": {"ray_actor_options": {"num_cpus": 0.05}}}
-LIGHT = {"responder": {"generate": False, **_SLIVER}, "intent": _SLIVER, "reasoner": _SLIVER, "decision": _SLIVER}
+# The session's two shared apps and this module's app already reserve nearly all of the test cluster's 4 CPUs:
+# the Redis app reserves none (reservations only; its turns are few), or Serve could never place it.
+_NO_CPU = {"deployment": {"ray_actor_options": {"num_cpus": 0}}}
+LIGHT = {"responder": {"generate": False, **_NO_CPU}, "intent": _NO_CPU, "reasoner": _NO_CPU, "decision": _NO_CPU,
+         "ingress": _NO_CPU, "actions": _NO_CPU}
 MESSAGES = ["Where is my new card?", "How do I top up my account?", "What is the exchange rate?",
             "My card payment was declined", "How long does a transfer take?", "I want to change my PIN",
             "Is there a fee for withdrawing cash?", "Can I get a virtual card?"]
