@@ -6,7 +6,7 @@ session under that id), else — a client that resends the whole conversation in
 by the conversation itself: every answer registers the hash of the conversation up to and including it
 (`conversation_key`), so the next request, whose earlier messages are exactly that conversation, continues
 the same session. Two conversations with the same messages (the same opening and, the LM being greedy, the
-same answer) cannot be told apart: that name then continues neither (`AMBIGUOUS`), and the next call starts a
+same answer) cannot be told apart: that name then continues neither (the store marks it ambiguous), and the next call starts a
 new session rather than risk joining someone else's — clients serving several people pass `user`. The answer
 carries the session back (header and `coact.session_id`).
 
